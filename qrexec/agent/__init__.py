@@ -1,0 +1,1 @@
+"""qrexec-agent: the VM side that runs commands and services (asyncio)."""

@@ -1,0 +1,1 @@
+"""The per-call clients (qrexec-client, qrexec-client-vm): blocking, no asyncio."""

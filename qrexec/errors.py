@@ -1,0 +1,81 @@
+"""The one exception hierarchy of the project.
+
+Why one hierarchy: every program decides its exit code in one place, and it can only do so
+if every failure it may see is one of a handful of known kinds. The split follows h11 and
+trio: *local* protocol errors mean we misused an API, *remote* ones mean the peer (an
+untrusted VM, usually) misbehaved; a transport we closed ourselves is distinct from one
+whose peer or domain died.
+
+This module does no I/O and imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+
+class QrexecError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ProtocolError(QrexecError):
+    """A qrexec message could not be built or was not acceptable."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to build or send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that violates the protocol (bad framing, length, type...).
+
+    The rule for untrusted peers: a remote protocol error drops that peer's connection,
+    with the message of this exception as the logged reason.
+    """
+
+
+class TransportError(QrexecError):
+    """A transport (vchan, emulated vchan, in-memory pipe) failed."""
+
+
+class TransportClosed(TransportError):
+    """The stream was closed by our side; using it further is a bug or a race we lost."""
+
+
+class TransportBroken(TransportError):
+    """The peer went away or its domain died while we still needed the stream."""
+
+
+class TransportUnavailable(TransportError):
+    """The requested backend cannot be used here (library missing, not configured)."""
+
+
+class AccessDenied(QrexecError):
+    """Policy refused a call.
+
+    ``notify`` says whether the user should be told (policy's ``notify=``).
+    """
+
+    def __init__(self, message: str, *, notify: bool = True) -> None:
+        super().__init__(message)
+        self.notify = notify
+
+
+class PolicySyntaxError(AccessDenied):
+    """A policy file is malformed; every call is denied until it is fixed.
+
+    Printed as ``path:lineno: reason`` like Qubes' own tools, so editors can jump to it.
+    """
+
+    def __init__(self, path: str, lineno: int | None, reason: str) -> None:
+        self.path = path
+        self.lineno = lineno
+        self.reason = reason
+        where = f"{path}:{lineno}" if lineno is not None else path
+        super().__init__(f"{where}: {reason}", notify=True)
+
+
+class PolicyNotFound(AccessDenied):
+    """No rule matched the request (which also means deny)."""
+
+
+class UsageError(QrexecError):
+    """A command line was malformed; programs exit 2 on it."""

@@ -1,0 +1,1 @@
+"""The multi-domain testbed (imported as :mod:`qrexec.sim`)."""
