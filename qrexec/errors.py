@@ -32,6 +32,19 @@ class RemoteProtocolError(ProtocolError):
     """
 
 
+class InvalidField(RemoteProtocolError):
+    """A field of an otherwise well-formed message is not acceptable (bad request id,
+    empty service name...). Unlike other remote errors the connection survives: the
+    daemon answers MSG_SERVICE_REFUSED, echoing ``ident`` (the raw 32 bytes) when known.
+    """
+
+    def __init__(self, field: str, reason: str, *, ident: bytes | None = None) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+        self.ident = ident
+
+
 class TransportError(QrexecError):
     """A transport (vchan, emulated vchan, in-memory pipe) failed."""
 
