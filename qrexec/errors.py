@@ -92,3 +92,10 @@ class PolicyNotFound(AccessDenied):
 
 class UsageError(QrexecError):
     """A command line was malformed; programs exit 2 on it."""
+
+
+class SystemInfoError(QrexecError):
+    """The system information (qubesd ``internal.GetSystemInfo`` data) is malformed.
+
+    Policy evaluation cannot match tags, types or disposables without it, so callers deny.
+    """
