@@ -138,14 +138,21 @@ class ServiceConnect:
 
 @dataclass(frozen=True, slots=True)
 class ServiceRefused:
-    """MSG_SERVICE_REFUSED: the 32 ident bytes (raw)."""
+    """MSG_SERVICE_REFUSED: the 32 ident bytes (raw).
+
+    The daemon echoes the request id exactly as the agent sent it, even when it refuses
+    it for being malformed (no NUL, bad bytes), so any 32-byte value is sent unchanged;
+    a shorter value is NUL-padded.
+    """
 
     ident: bytes
 
     msg_type = MsgType.SERVICE_REFUSED
 
     def payload(self) -> bytes:
-        return _fixed(self.ident, IDENT_SIZE, "request id")
+        if len(self.ident) == IDENT_SIZE:
+            return bytes(self.ident)
+        return pad_field(self.ident, IDENT_SIZE, "request id")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,299 @@
+"""Incremental qrexec frame decoder with per-version length caps, and a blocking reader.
+
+:class:`FrameDecoder` is a pure object in the h11 style: :meth:`FrameDecoder.feed` takes
+whatever bytes arrived and returns the complete messages they finish. Every header is
+checked *before* its payload is buffered, so a hostile peer can never make the decoder
+hold more than one frame's cap (8-byte header + the largest payload the negotiated version
+allows); :attr:`FrameDecoder.buffered` exposes how much it holds.
+
+Caps (spec §3.3, §3.4), for the payload length ``hdr.len``:
+
+- DATA_STDIN/STDOUT/STDERR and DATA_EXIT_CODE: at most :func:`max_data_chunk` (4096 in v2,
+  65536 from v3). DATA_EXIT_CODE may be shorter than 4 bytes (read as status 255) or longer
+  (the first 4 bytes count), as upstream's receiver does.
+- EXEC_CMDLINE / JUST_EXEC: 8 to 65535 bytes.
+- TRIGGER_SERVICE3 / TRIGGER_SERVICE4: the prefix (96 / 160 bytes) plus 1 to 65000 bytes of
+  NUL-terminated service name.
+- Fixed-size messages must have exactly their size: HELLO 4, SERVICE_REFUSED 32,
+  TRIGGER_SERVICE 128, CONNECTION_TERMINATED 8, SERVICE_CONNECT 40 (or 8, the daemon's
+  reply to a client).
+- Any other type is a :class:`~qrexec.errors.RemoteProtocolError`.
+
+Which message may appear on which channel, and which trigger type a version accepts, is
+not checked here unless the caller passes ``allowed`` (see :mod:`.negotiation`).
+
+:func:`read_message` is the blocking counterpart for the per-call clients: it pulls exactly
+one message through a ``recv(n)`` callable. This module does no I/O itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from typing import Final
+
+from qrexec.errors import LocalProtocolError, RemoteProtocolError
+from qrexec.protocol.constants import (
+    HEADER_SIZE,
+    IDENT_SIZE,
+    MAX_CMDLINE_LEN,
+    MAX_SERVICE_NAME_LEN,
+    MIN_PROTOCOL_VERSION,
+    MsgType,
+)
+from qrexec.protocol.messages import (
+    EXEC_PARAMS,
+    HEADER,
+    PEER_INFO,
+    TRIGGER_V2_SIZE,
+    TRIGGER_V3_PREFIX,
+    TRIGGER_V4_PREFIX,
+    Message,
+    decode_payload,
+    encode,
+)
+from qrexec.protocol.negotiation import check_version, max_data_chunk, negotiate
+
+_DATA_CAPPED: Final = frozenset(
+    {MsgType.DATA_STDIN, MsgType.DATA_STDOUT, MsgType.DATA_STDERR, MsgType.DATA_EXIT_CODE}
+)
+#: Types whose payload size is fixed: type -> the accepted sizes.
+_FIXED_SIZES: Final[dict[MsgType, tuple[int, ...]]] = {
+    MsgType.HELLO: (PEER_INFO.size,),
+    MsgType.SERVICE_REFUSED: (IDENT_SIZE,),
+    MsgType.TRIGGER_SERVICE: (TRIGGER_V2_SIZE,),
+    MsgType.CONNECTION_TERMINATED: (EXEC_PARAMS.size,),
+    # 40 from the daemon to the agent and from a client; 8 in the daemon's reply.
+    MsgType.SERVICE_CONNECT: (EXEC_PARAMS.size + IDENT_SIZE, EXEC_PARAMS.size),
+}
+#: Variable-size control messages: type -> (smallest, largest) payload.
+_RANGES: Final[dict[MsgType, tuple[int, int]]] = {
+    MsgType.EXEC_CMDLINE: (EXEC_PARAMS.size, MAX_CMDLINE_LEN),
+    MsgType.JUST_EXEC: (EXEC_PARAMS.size, MAX_CMDLINE_LEN),
+    MsgType.TRIGGER_SERVICE3: (TRIGGER_V3_PREFIX + 1, TRIGGER_V3_PREFIX + MAX_SERVICE_NAME_LEN),
+    MsgType.TRIGGER_SERVICE4: (TRIGGER_V4_PREFIX + 1, TRIGGER_V4_PREFIX + MAX_SERVICE_NAME_LEN),
+}
+_LARGEST_CONTROL_PAYLOAD: Final = max(high for _, high in _RANGES.values())
+
+
+def max_payload(version: int) -> int:
+    """Largest payload any message may carry under ``version``."""
+    return max(_LARGEST_CONTROL_PAYLOAD, max_data_chunk(version))
+
+
+def max_frame_size(version: int) -> int:
+    """One frame's cap: the header plus :func:`max_payload`."""
+    return HEADER_SIZE + max_payload(version)
+
+
+def payload_limits(msg_type: MsgType, version: int) -> tuple[int, int]:
+    """The (smallest, largest) payload length accepted for ``msg_type`` under ``version``."""
+    if msg_type in _DATA_CAPPED:
+        return 0, max_data_chunk(version)
+    fixed = _FIXED_SIZES.get(msg_type)
+    if fixed is not None:
+        return min(fixed), max(fixed)
+    return _RANGES[msg_type]
+
+
+def check_header(
+    msg_type: int,
+    length: int,
+    version: int,
+    allowed: Collection[MsgType] | None = None,
+) -> MsgType:
+    """Validate a received header before its payload is read; return the type.
+
+    Raises :class:`RemoteProtocolError` naming what was wrong: an unknown type, a type
+    not in ``allowed``, or a length outside the limits of that type and version.
+    """
+    try:
+        kind = MsgType(msg_type)
+    except ValueError:
+        raise RemoteProtocolError(f"unknown message type 0x{msg_type:x}") from None
+    if allowed is not None and kind not in allowed:
+        raise RemoteProtocolError(f"unexpected message {kind.name} on this channel")
+    fixed = _FIXED_SIZES.get(kind)
+    if fixed is not None:
+        if length not in fixed:
+            sizes = " or ".join(str(size) for size in fixed)
+            raise RemoteProtocolError(f"{kind.name} payload is {length} bytes, expected {sizes}")
+        return kind
+    low, high = payload_limits(kind, version)
+    if length > high:
+        raise RemoteProtocolError(
+            f"{kind.name} payload is {length} bytes, above the limit of {high}"
+            f" for protocol version {version}"
+        )
+    if length < low:
+        raise RemoteProtocolError(f"{kind.name} payload is {length} bytes, below {low}")
+    return kind
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages, checking every length against the caps.
+
+    ``version`` is the negotiated protocol version (2 until HELLO says otherwise). When
+    ``own_version`` is given, a received HELLO switches the decoder to
+    ``negotiate(own_version, peer)`` at once, so that a peer's first large chunk sent in
+    the same segment as its HELLO is judged by the right cap. ``allowed`` restricts the
+    accepted message types (anything else is a remote protocol error).
+
+    After a :class:`RemoteProtocolError` the decoder stays broken: the stream position is
+    lost, so every later call raises the same error. Messages completed earlier in the
+    failing chunk are dropped with it: the connection is going to be dropped anyway.
+    """
+
+    def __init__(
+        self,
+        version: int = MIN_PROTOCOL_VERSION,
+        *,
+        own_version: int | None = None,
+        allowed: Collection[MsgType] | None = None,
+    ) -> None:
+        self._version = check_version(version)
+        self._own_version = None if own_version is None else check_version(own_version)
+        self._allowed = None if allowed is None else frozenset(allowed)
+        self._buffer = bytearray()
+        self._type: MsgType | None = None
+        self._length = 0
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def version(self) -> int:
+        """The protocol version whose caps apply now."""
+        return self._version
+
+    def set_version(self, version: int) -> None:
+        """Apply the caps of ``version`` from the next header on (call after HELLO)."""
+        self._version = check_version(version)
+
+    def set_allowed(self, allowed: Collection[MsgType] | None) -> None:
+        """Change the accepted message types from the next header on (None = all)."""
+        self._allowed = None if allowed is None else frozenset(allowed)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the frame in progress; never above :attr:`max_buffered`."""
+        return len(self._buffer)
+
+    @property
+    def max_buffered(self) -> int:
+        """The most this decoder can hold under its current version (one frame's cap)."""
+        return max_frame_size(self._version)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is pending (a clean place for the peer to stop)."""
+        return self._type is None and not self._buffer
+
+    def close(self) -> None:
+        """Declare end of stream; raises if the peer stopped in the middle of a frame."""
+        if self._error is not None:
+            raise self._error
+        if not self.at_boundary:
+            what = "header" if self._type is None else f"{self._type.name} payload"
+            raise RemoteProtocolError(f"stream ended in the middle of a {what}")
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """Consume ``data`` and return every message it completes, in order."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._feed(memoryview(data).cast("B"))
+        except RemoteProtocolError as exc:
+            self._error = exc
+            self._buffer = bytearray()
+            raise
+
+    def _feed(self, view: memoryview) -> list[Message]:
+        messages: list[Message] = []
+        pos = 0
+        end = len(view)
+        buffer = self._buffer
+        while True:
+            if self._type is None:
+                if not buffer and end - pos >= HEADER_SIZE:
+                    msg_type, length = HEADER.unpack_from(view, pos)
+                    pos += HEADER_SIZE
+                else:
+                    take = min(HEADER_SIZE - len(buffer), end - pos)
+                    buffer += view[pos : pos + take]
+                    pos += take
+                    if len(buffer) < HEADER_SIZE:
+                        return messages
+                    msg_type, length = HEADER.unpack(buffer)
+                    buffer.clear()
+                self._type = check_header(msg_type, length, self._version, self._allowed)
+                self._length = length
+            kind = self._type
+            if not buffer and end - pos >= self._length:
+                payload = bytes(view[pos : pos + self._length])
+                pos += self._length
+            else:
+                take = min(self._length - len(buffer), end - pos)
+                buffer += view[pos : pos + take]
+                pos += take
+                if len(buffer) < self._length:
+                    return messages
+                payload = bytes(buffer)
+                buffer.clear()
+            self._type = None
+            message = decode_payload(kind, payload)
+            if kind is MsgType.HELLO and self._own_version is not None:
+                self._version = negotiate(self._own_version, PEER_INFO.unpack(payload)[0])
+            messages.append(message)
+
+
+def encode_checked(message: Message, version: int) -> bytes:
+    """Encode ``message`` after checking it against the caps of ``version``.
+
+    Raises :class:`LocalProtocolError` for a message a correct peer would reject (for
+    instance a 64 KiB chunk on a v2 stream, or a command line above 65535 bytes).
+    """
+    frame = encode(message)
+    msg_type, length = HEADER.unpack_from(frame)
+    try:
+        check_header(msg_type, length, version)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"refusing to send: {exc}") from None
+    return frame
+
+
+def read_message(
+    recv: Callable[[int], bytes],
+    version: int = MIN_PROTOCOL_VERSION,
+    *,
+    allowed: Collection[MsgType] | None = None,
+) -> Message | None:
+    """Read exactly one message through ``recv`` (blocking), for the per-call clients.
+
+    ``recv(n)`` returns at most ``n`` bytes and ``b""`` at end of stream (a socket's
+    ``recv`` or a vchan's partial ``read``). Returns None when the stream ends cleanly
+    before the first header byte; an end inside a frame is a RemoteProtocolError. Never
+    reads past the message, so the rest of the stream is left for the caller.
+    """
+    header = _recv_exactly(recv, HEADER_SIZE, eof_ok=True)
+    if header is None:
+        return None
+    msg_type, length = HEADER.unpack(header)
+    kind = check_header(msg_type, length, version, allowed)
+    payload = _recv_exactly(recv, length, eof_ok=False) if length else b""
+    if payload is None:  # pragma: no cover - eof_ok=False never returns None
+        raise RemoteProtocolError(f"stream ended inside a {kind.name} payload")
+    return decode_payload(kind, payload)
+
+
+def _recv_exactly(recv: Callable[[int], bytes], size: int, *, eof_ok: bool) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = recv(size - len(chunks))
+        if not chunk:
+            if eof_ok and not chunks:
+                return None
+            raise RemoteProtocolError(
+                f"stream ended after {len(chunks)} of {size} bytes of a message"
+            )
+        if len(chunk) > size - len(chunks):
+            raise LocalProtocolError("recv returned more bytes than asked for")
+        chunks += chunk
+    return bytes(chunks)
