@@ -99,3 +99,11 @@ class SystemInfoError(QrexecError):
 
     Policy evaluation cannot match tags, types or disposables without it, so callers deny.
     """
+
+
+class ServiceError(QrexecError):
+    """A service or command could not be prepared or started in its domain (exit 125)."""
+
+
+class ServiceNotFound(ServiceError):
+    """No file on the service path names the requested service (exit 127)."""
