@@ -1,0 +1,444 @@
+"""Unix-socket emulation of vchan, compatible with Qubes' libvchan-socket (spec §2).
+
+Each vchan is one ``AF_UNIX`` stream socket carrying raw qrexec bytes, with no framing added,
+so a real Qubes agent, daemon or client built against libvchan-socket can be our peer.
+Our own domain id comes from ``VCHAN_DOMAIN`` (default 0), the directory from
+``VCHAN_SOCKET_DIR`` (default ``/var/run/vchan``).
+
+Two layouts, chosen with ``QREXEC_VCHAN_LAYOUT``:
+
+* ``flat`` (default, what libvchan-socket does): domain ``M`` serving remote domain ``D`` on
+  port ``P`` unlinks, binds and listens (backlog 1) on ``<dir>/vchan.M.D.P.sock``; the client
+  connects to the same name seen from its side, ``vchan.<D>.<own>.<P>.sock``. **In this
+  layout the emulation is not a security boundary between emulated domains**: every domain
+  needs the whole directory, and a domain id is whatever ``VCHAN_DOMAIN`` says, so any
+  process that can reach the directory can open, squat or unlink any emulated vchan.
+* ``isolated``: each pair of domains has a directory of its own,
+  ``<dir>/pair.<lo>.<hi>/vchan.M.D.P.sock`` (``lo``/``hi`` the two ids in order). A domain
+  is given (mounted, in containers) only the pair directories it belongs to, so it cannot
+  open or squat a vchan between two other domains; within a pair each side can only disturb
+  its own conversation. Real libvchan-socket peers do not know this layout.
+
+The client retries while the socket is absent or refused (the start order does not
+matter), with a short capped back-off instead of libvchan-socket's 100 µs busy loop. Each
+server takes one connection: after accepting, it closes its listening socket and unlinks
+its file (only if the file is still the one it bound), so no second client can get in.
+
+This module is the **blocking** face and never imports asyncio; the asyncio face lives in
+:mod:`qrexec.backends.socket_async` and is imported on first use of ``listen_async`` /
+``connect_async``. It does not interpret the bytes it moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
+from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
+
+if TYPE_CHECKING:
+    from qrexec.backends.socket_async import AsyncSocketListener, AsyncSocketStream
+
+log = logging.getLogger(__name__)
+
+DOMAIN_ENV = "VCHAN_DOMAIN"
+SOCKET_DIR_ENV = "VCHAN_SOCKET_DIR"
+LAYOUT_ENV = "QREXEC_VCHAN_LAYOUT"
+DEFAULT_SOCKET_DIR = "/var/run/vchan"
+
+Layout = Literal["flat", "isolated"]
+LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
+
+#: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
+MAX_DOMAIN_ID = 0x7FEF
+MAX_PORT = 0xFFFF
+#: ``sun_path`` holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+#: Client retry back-off: start short (a server usually appears within milliseconds), double,
+#: cap so that a long wait costs a few wake-ups per second, not a busy loop.
+CONNECT_RETRY_FIRST = 0.001
+CONNECT_RETRY_MAX = 0.05
+#: Errors meaning "no server yet": no file, stale file / no listener, backlog full.
+RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
+
+#: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
+RECV_CHUNK_MAX = 256 * 1024
+
+
+def check_domain(value: int, what: str = "domain id") -> int:
+    """Validate a domain id (a programming error, not untrusted input, when wrong)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DOMAIN_ID:
+        raise ValueError(f"{what} must be an integer in 0..{MAX_DOMAIN_ID}, not {value!r}")
+    return value
+
+
+def check_port(value: int) -> int:
+    """Validate a vchan port number."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PORT:
+        raise ValueError(f"vchan port must be an integer in 0..{MAX_PORT}, not {value!r}")
+    return value
+
+
+def socket_path(socket_dir: Path, layout: Layout, server: int, client: int, port: int) -> Path:
+    """Where the server domain ``server`` listens for ``client`` on ``port``."""
+    name = f"vchan.{server}.{client}.{port}.sock"
+    if layout == "flat":
+        return socket_dir / name
+    low, high = sorted((server, client))
+    return socket_dir / f"pair.{low}.{high}" / name
+
+
+class _FdGuard:
+    """Lets ``close`` run from any thread while another thread is blocked on the fd.
+
+    Closing an fd does not wake a thread blocked on it (and its number could be reused under
+    that thread), so ``close`` only shuts the socket down - which wakes blocked calls - and
+    the fd itself is released by whoever leaves last.
+    """
+
+    __slots__ = ("_lock", "_release", "_released", "_users", "_wake", "closed")
+
+    def __init__(self, wake: Callable[[], None], release: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self.closed = False
+        self._released = False
+        self._wake = wake
+        self._release = release
+
+    def enter(self, what: str) -> None:
+        with self._lock:
+            if self.closed:
+                raise TransportClosed(f"{what}: the vchan was closed by this side")
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            release = self.closed and self._users == 0 and not self._released
+            if release:
+                self._released = True
+        if release:
+            self._release()
+
+    def close(self) -> bool:
+        """Mark closed; return False if it already was."""
+        with self._lock:
+            if self.closed:
+                return False
+            self.closed = True
+            busy = self._users > 0
+            if not busy:
+                self._released = True
+        try:
+            if busy:
+                self._wake()
+            else:
+                self._release()
+        except OSError as exc:
+            log.debug("ignoring error while closing a vchan socket: %s", exc)
+        return True
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class SocketStream:
+    """A connected emulated vchan, blocking face (:class:`~qrexec.backends.base.BlockingStream`).
+
+    One thread may send while another receives; ``close`` may come from any thread.
+    """
+
+    def __init__(self, sock: socket.socket, remote_domain: int, port: int) -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self._remote_domain = remote_domain
+        self._port = port
+        self._guard = _FdGuard(lambda: _shutdown(sock), sock.close)
+
+    @property
+    def remote_domain(self) -> int:
+        return self._remote_domain
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def __repr__(self) -> str:
+        return f"<SocketStream remote={self._remote_domain} port={self._port}>"
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        self._guard.enter("send")
+        try:
+            self._sock.sendall(data, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("send: the vchan was closed by this side") from exc
+            raise TransportBroken(
+                f"send: peer domain {self._remote_domain} port {self._port} is gone ({exc})"
+            ) from exc
+        finally:
+            self._guard.leave()
+
+    def recv(self, max_bytes: int) -> bytes:
+        if max_bytes <= 0:
+            raise ValueError(f"recv size must be positive, not {max_bytes}")
+        self._guard.enter("recv")
+        try:
+            data = self._sock.recv(min(max_bytes, RECV_CHUNK_MAX))
+        except ConnectionResetError:
+            # The peer closed with bytes of ours unread: for vchan that is just "gone".
+            data = b""
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("recv: the vchan was closed by this side") from exc
+            raise TransportBroken(f"recv from domain {self._remote_domain}: {exc}") from exc
+        finally:
+            self._guard.leave()
+        if not data and self._guard.closed:
+            raise TransportClosed("recv: the vchan was closed by this side")
+        return data
+
+    def close(self) -> None:
+        self._guard.close()
+
+
+class BoundSocket:
+    """A listening socket bound at a vchan path, shared by both faces' listeners."""
+
+    def __init__(self, path: Path) -> None:
+        encoded = os.fsencode(path)
+        if len(encoded) > MAX_SOCKET_PATH:
+            raise TransportUnavailable(
+                f"vchan socket path is {len(encoded)} bytes, over the {MAX_SOCKET_PATH}-byte "
+                f"limit of AF_UNIX: {path} (choose a shorter {SOCKET_DIR_ENV})"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock.bind(os.fspath(path))
+            info = path.stat()
+            sock.listen(1)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.path = path
+        self._identity = (info.st_dev, info.st_ino)
+
+    def unlink_if_ours(self) -> None:
+        """Remove the socket file unless someone else has bound the name since."""
+        try:
+            info = self.path.lstat()
+            if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._identity:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+class SocketListener:
+    """A server waiting for its one client, blocking face."""
+
+    def __init__(self, bound: BoundSocket, remote_domain: int, port: int) -> None:
+        bound.sock.setblocking(False)
+        self._bound = bound
+        self._remote_domain = remote_domain
+        self._port = port
+        self._guard = _FdGuard(self._wake, bound.sock.close)
+
+    def _wake(self) -> None:
+        # shutdown() on a listening AF_UNIX socket wakes poll() with POLLHUP.
+        _shutdown(self._bound.sock)
+
+    @property
+    def path(self) -> Path:
+        return self._bound.path
+
+    def accept(self, timeout: float | None = None) -> SocketStream:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._guard.enter("accept")
+        try:
+            poller = select.poll()
+            poller.register(self._bound.sock, select.POLLIN)
+            while True:
+                if self._guard.closed:
+                    raise TransportClosed("accept: the listener was closed")
+                try:
+                    conn, _ = self._bound.sock.accept()
+                    break
+                except BlockingIOError:
+                    pass
+                if deadline is None:
+                    poller.poll()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError(
+                            f"no client from domain {self._remote_domain} on vchan port "
+                            f"{self._port} within {timeout} s"
+                        )
+                    poller.poll(max(1, int(remaining * 1000 + 0.999)))
+        finally:
+            self._guard.leave()
+        # One connection per server: nobody else may connect to this name.
+        self.close()
+        return SocketStream(conn, self._remote_domain, self._port)
+
+    def close(self) -> None:
+        if self._guard.close():
+            self._bound.unlink_if_ours()
+
+
+def connect_once(path: Path) -> socket.socket | None:
+    """Try to connect to ``path``; None while there is no server to take the call."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        # AF_UNIX connects complete at once: success, or an error (EAGAIN if backlog is full).
+        sock.connect(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in RETRY_ERRNOS:
+            return None
+        raise TransportUnavailable(f"cannot connect to vchan socket {path}: {exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def next_retry_delay(delay: float) -> float:
+    return min(delay * 2, CONNECT_RETRY_MAX)
+
+
+class SocketBackend:
+    """The unix-socket transport bound to our own domain id (see the module docstring)."""
+
+    name = "socket"
+
+    def __init__(
+        self, own_domain: int, socket_dir: str | os.PathLike[str], layout: Layout = "flat"
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown vchan socket layout {layout!r}; use one of {LAYOUTS}")
+        self._own_domain = check_domain(own_domain, "own domain id")
+        self.socket_dir = Path(socket_dir)
+        self.layout: Layout = layout
+
+    @property
+    def own_domain(self) -> int:
+        return self._own_domain
+
+    def __repr__(self) -> str:
+        return (
+            f"<SocketBackend own={self._own_domain} dir={str(self.socket_dir)!r} "
+            f"layout={self.layout}>"
+        )
+
+    def server_path(self, remote_domain: int, port: int) -> Path:
+        """The socket file we listen on when serving ``remote_domain`` on ``port``."""
+        return socket_path(
+            self.socket_dir,
+            self.layout,
+            self._own_domain,
+            check_domain(remote_domain),
+            check_port(port),
+        )
+
+    def client_path(self, remote_domain: int, port: int) -> Path:
+        """The socket file we connect to as client of ``remote_domain`` on ``port``."""
+        return socket_path(
+            self.socket_dir,
+            self.layout,
+            check_domain(remote_domain),
+            self._own_domain,
+            check_port(port),
+        )
+
+    def listen(
+        self,
+        remote_domain: int,
+        port: int,
+        *,
+        read_min: int = DEFAULT_READ_MIN,
+        write_min: int = DEFAULT_WRITE_MIN,
+    ) -> SocketListener:
+        # Ring sizes have no meaning here: the kernel's socket buffers play the rings.
+        bound = BoundSocket(self.server_path(remote_domain, port))
+        return SocketListener(bound, remote_domain, port)
+
+    def connect(
+        self, remote_domain: int, port: int, *, timeout: float | None = None
+    ) -> SocketStream:
+        path = self.client_path(remote_domain, port)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = CONNECT_RETRY_FIRST
+        while True:
+            sock = connect_once(path)
+            if sock is not None:
+                return SocketStream(sock, remote_domain, port)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"no vchan server of domain {remote_domain} port {port} "
+                        f"appeared within {timeout} s ({path})"
+                    )
+                time.sleep(min(delay, remaining))
+            else:
+                time.sleep(delay)
+            delay = next_retry_delay(delay)
+
+    async def listen_async(
+        self,
+        remote_domain: int,
+        port: int,
+        *,
+        read_min: int = DEFAULT_READ_MIN,
+        write_min: int = DEFAULT_WRITE_MIN,
+    ) -> AsyncSocketListener:
+        from qrexec.backends.socket_async import AsyncSocketListener
+
+        bound = BoundSocket(self.server_path(remote_domain, port))
+        return AsyncSocketListener(bound, remote_domain, port)
+
+    async def connect_async(
+        self, remote_domain: int, port: int, *, timeout: float | None = None
+    ) -> AsyncSocketStream:
+        from qrexec.backends.socket_async import connect
+
+        return await connect(self.client_path(remote_domain, port), remote_domain, port, timeout)
+
+
+def make_backend(env: Mapping[str, str]) -> SocketBackend:
+    """Build the backend from ``VCHAN_DOMAIN``, ``VCHAN_SOCKET_DIR`` and ``QREXEC_VCHAN_LAYOUT``."""
+    raw_domain = env.get(DOMAIN_ENV) or "0"
+    try:
+        own = check_domain(int(raw_domain, 10), DOMAIN_ENV)
+    except ValueError as exc:
+        raise TransportUnavailable(
+            f"{DOMAIN_ENV}={raw_domain!r} is not a domain id (0..{MAX_DOMAIN_ID})"
+        ) from exc
+    layout = env.get(LAYOUT_ENV) or "flat"
+    if layout not in LAYOUTS:
+        raise TransportUnavailable(
+            f"{LAYOUT_ENV}={layout!r} is not a vchan socket layout; use one of {', '.join(LAYOUTS)}"
+        )
+    socket_dir = env.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR
+    return SocketBackend(own, socket_dir, layout)
