@@ -1,0 +1,180 @@
+"""qrexec socket services, seen from dom0's policy programs (spec §7, "Unix socket" services).
+
+A socket service is a unix socket that the agent (or qrexec-client, for dom0-local calls)
+connects to. It first writes the *service descriptor* — the command text after
+``QUBESRPC``, e.g. ``policy.Ask+ dom0\\0`` in a VM or ``policy.EvalSimple+qubes.Filecopy vm1
+name dom0\\0`` in dom0 — then the caller's stdin, then shuts its writing side down; the
+service's reply is read until EOF.
+
+Here: the descriptor codec (pure), the server side (read descriptor and body with caps), and
+two ways to *call* such a service: directly over the local socket (GuiVM is dom0) or through
+``qrexec-client -d VM DEFAULT:QUBESRPC SERVICE dom0`` (any other GuiVM). Used by the policy
+daemon (policy.EvalSimple/EvalGUI server; policy.Ask/Notify client) and by the reference
+policy agent. Does not decide anything about policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Final
+
+from qrexec.errors import LocalProtocolError, RemoteProtocolError, TransportBroken
+
+log = logging.getLogger(__name__)
+
+#: The longest descriptor we read: the service name may be ~65000 bytes (spec §8).
+MAX_DESCRIPTOR_BYTES: Final = 65536 + 512
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDescriptor:
+    """``SERVICE+ARG SOURCE`` (in a VM) or ``SERVICE+ARG SOURCE TYPE TARGET`` (in dom0).
+
+    ``argument`` excludes the ``+``; ``has_plus`` tells ``svc`` from ``svc+``.
+    """
+
+    service: str
+    argument: str
+    source: str
+    target_type: str | None = None
+    target: str | None = None
+    has_plus: bool = True
+
+    def encode(self) -> bytes:
+        name = self.service + ("+" + self.argument if self.has_plus else "")
+        parts = [name, self.source]
+        if self.target_type is not None or self.target is not None:
+            if self.target_type not in ("name", "keyword") or not self.target:
+                raise LocalProtocolError("a dom0 descriptor needs TYPE name|keyword and TARGET")
+            parts += [self.target_type, self.target]
+        for part in parts:
+            if not part or any(not "!" <= ch <= "~" for ch in part):
+                raise LocalProtocolError(f"descriptor part {part!r} is empty or not printable")
+        return " ".join(parts).encode("ascii") + b"\0"
+
+
+def parse_descriptor(raw: bytes) -> ServiceDescriptor:
+    """Parse a descriptor *without* its terminating NUL."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("service descriptor is not ASCII") from None
+    parts = text.split(" ")
+    if len(parts) not in (2, 4) or any(not p for p in parts):
+        raise RemoteProtocolError(f"service descriptor {text[:128]!r} is not 2 or 4 words")
+    for part in parts:
+        if any(not "!" <= ch <= "~" for ch in part):
+            raise RemoteProtocolError(f"service descriptor word {part[:64]!r} is not printable")
+    service, plus, argument = parts[0].partition("+")
+    if not service:
+        raise RemoteProtocolError("service descriptor has an empty service name")
+    if len(parts) == 4:
+        if parts[2] not in ("name", "keyword"):
+            raise RemoteProtocolError(f"service descriptor target type {parts[2][:32]!r}")
+        return ServiceDescriptor(service, argument, parts[1], parts[2], parts[3], bool(plus))
+    return ServiceDescriptor(service, argument, parts[1], has_plus=bool(plus))
+
+
+async def read_service_call(
+    reader: asyncio.StreamReader, *, max_body: int
+) -> tuple[ServiceDescriptor, bytes]:
+    """Server side: read the descriptor, then the body until EOF (at most ``max_body``).
+
+    The caller must apply a timeout: a client that never half-closes would wait forever.
+    """
+    try:
+        raw = await reader.readuntil(b"\0")
+    except asyncio.LimitOverrunError:
+        raise RemoteProtocolError(
+            f"service descriptor longer than {MAX_DESCRIPTOR_BYTES} bytes"
+        ) from None
+    except asyncio.IncompleteReadError as exc:
+        raise RemoteProtocolError(
+            f"connection closed after {len(exc.partial)} bytes, inside the service descriptor"
+        ) from None
+    descriptor = parse_descriptor(raw[:-1])
+    body = await read_to_eof(reader, max_body, "service input")
+    return descriptor, body
+
+
+async def read_to_eof(reader: asyncio.StreamReader, limit: int, what: str) -> bytes:
+    """Read until EOF, refusing more than ``limit`` bytes (never buffers more)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise RemoteProtocolError(f"{what} is longer than {limit} bytes")
+        chunks.append(chunk)
+
+
+async def call_local_socket_service(
+    socket_path: str, descriptor: ServiceDescriptor, body: bytes, *, max_reply: int
+) -> bytes:
+    """Call a socket service on this host, as qrexec-client does for dom0-local calls."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=65536)
+    except OSError as exc:
+        raise TransportBroken(f"cannot connect to {socket_path}: {exc.strerror}") from exc
+    try:
+        writer.write(descriptor.encode() + body)
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        return await read_to_eof(reader, max_reply, f"reply of {descriptor.service}")
+    except (ConnectionError, BrokenPipeError) as exc:
+        raise TransportBroken(f"{socket_path}: {exc}") from exc
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def qrexec_client_command(
+    qrexec_client: str, domain: str, service: str, source: str = "dom0"
+) -> list[str]:
+    """The qrexec-client invocation that calls ``service`` in ``domain`` (spec §6.4):
+    ``qrexec-client -d GUIVM DEFAULT:QUBESRPC policy.Ask dom0``. The daemon socket
+    directory comes from the environment (QREXEC_DAEMON_SOCKET_DIR), as for any caller."""
+    for word, what in ((domain, "domain"), (service, "service"), (source, "source")):
+        if not word or any(not "!" <= ch <= "~" for ch in word):
+            raise LocalProtocolError(f"{what} {word!r} cannot go on a qrexec command line")
+    return [qrexec_client, "-d", domain, f"DEFAULT:QUBESRPC {service} {source}"]
+
+
+async def call_via_qrexec_client(argv: list[str], body: bytes, *, max_reply: int) -> bytes:
+    """Run ``argv`` (from :func:`qrexec_client_command`), feed ``body``, return its stdout.
+
+    A non-zero exit (service missing, domain down, refused) is a TransportBroken.
+    Cancellation kills the child, so a prompt that times out leaves nothing behind.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise TransportBroken(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        with contextlib.suppress(ConnectionError):
+            proc.stdin.write(body)
+            await proc.stdin.drain()
+            proc.stdin.close()
+        reply = await read_to_eof(proc.stdout, max_reply, f"output of {argv[0]}")
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    if code != 0:
+        raise TransportBroken(f"{' '.join(argv)} exited with {code}")
+    return reply
