@@ -82,12 +82,12 @@ class TerminalPrompter:
 
 
 def _write(fd: int, text: str) -> None:
-    # A terminal that does not take output must not stall the daemon; the prompt is lost
-    # in that case but the answer is still read (and a timeout still applies).
+    # A terminal that does not take output (full, or hung up) must not stall or crash the
+    # daemon; the text is lost, reading the answer decides (EOF there means deny).
     try:
         os.write(fd, text.encode("utf-8", "replace"))
-    except BlockingIOError:
-        log.warning("terminal prompter: %s is not accepting output", fd)
+    except OSError as exc:
+        log.warning("terminal prompter: cannot write to the terminal: %s", exc.strerror)
 
 
 async def _read_line(fd: int) -> str | None:

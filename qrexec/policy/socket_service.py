@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -178,3 +182,40 @@ async def call_via_qrexec_client(argv: list[str], body: bytes, *, max_reply: int
     if code != 0:
         raise TransportBroken(f"{' '.join(argv)} exited with {code}")
     return reply
+
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def start_unix_service(path: str, handler: ConnectionHandler) -> asyncio.Server:
+    """Listen on ``path`` with mode 0660, group ``qubes`` when that group exists (spec §8).
+
+    A stale socket file left by a dead process is replaced; any other kind of file at
+    ``path`` is an error (we never delete what is not a socket).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    server = await asyncio.start_unix_server(handler, path, limit=MAX_DESCRIPTOR_BYTES)
+    os.chmod(path, 0o660)
+    try:
+        gid = grp.getgrnam("qubes").gr_gid
+    except KeyError:
+        gid = None
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            log.warning("%s: cannot give the socket to group qubes", path)
+    return server
+
+
+def remove_socket(path: str) -> None:
+    """Remove our socket file at exit (only if it is still a socket)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)

@@ -119,11 +119,13 @@ def test_allow_shapes() -> None:
 
 def test_allow_shape_errors() -> None:
     with pytest.raises(LocalProtocolError, match="no target_uuid"):
-        allow_response(target="dom0", target_uuid="x", user=None, autostart=True,
-                       requested_target="dom0")  # fmt: skip
+        allow_response(
+            target="dom0", target_uuid="x", user=None, autostart=True, requested_target="dom0"
+        )
     with pytest.raises(LocalProtocolError, match="needs its uuid"):
-        allow_response(target="vm", target_uuid=None, user=None, autostart=True,
-                       requested_target="vm")  # fmt: skip
+        allow_response(
+            target="vm", target_uuid=None, user=None, autostart=True, requested_target="vm"
+        )
     with pytest.raises(LocalProtocolError, match="must not carry target_uuid"):
         PolicyResponse(result="deny", target_uuid="uuid:x").encode()
     with pytest.raises(LocalProtocolError, match="lacks"):
