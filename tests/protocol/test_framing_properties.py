@@ -76,7 +76,7 @@ def hostile_stream(draw: st.DrawFn) -> bytes:
     version = 4
     parts: list[bytes] = []
     for _ in range(draw(st.integers(min_value=1, max_value=6))):
-        kind = draw(st.integers(min_value=0, max_value=3))
+        kind = draw(st.integers(min_value=0, max_value=4))
         if kind == 0:
             parts.append(encode(draw(messages(version))))
         elif kind == 1:
@@ -86,8 +86,15 @@ def hostile_stream(draw: st.DrawFn) -> bytes:
         elif kind == 2:
             frame = encode(draw(messages(version)))
             parts.append(frame[: draw(st.integers(0, len(frame)))])
-        else:
+        elif kind == 3:
             parts.append(draw(st.binary(max_size=64)))
+        else:
+            # Oversize: a length past every cap, then more bytes than one frame's cap, as a
+            # peer trying to make us buffer without bound would send.
+            msg_type = draw(st.sampled_from(list(MsgType)))
+            length = draw(st.integers(min_value=max_frame_size(4), max_value=2**32 - 1))
+            filler = draw(st.binary(min_size=1, max_size=8)) * (max_frame_size(4) // 4)
+            parts.append(struct.pack("<II", msg_type, length) + filler)
     return b"".join(parts)
 
 
