@@ -23,7 +23,8 @@ Which message may appear on which channel, and which trigger type a version acce
 not checked here unless the caller passes ``allowed`` (see :mod:`.negotiation`).
 
 :func:`read_message` is the blocking counterpart for the per-call clients: it pulls exactly
-one message through a ``recv(n)`` callable. This module does no I/O itself.
+one message through a ``recv(n)`` callable (:func:`read_exec_params` likewise reads the
+headerless record an agent sends to qrexec-client-vm). This module does no I/O itself.
 """
 
 from __future__ import annotations
@@ -281,6 +282,20 @@ def read_message(
     if payload is None:  # pragma: no cover - eof_ok=False never returns None
         raise RemoteProtocolError(f"stream ended inside a {kind.name} payload")
     return decode_payload(kind, payload)
+
+
+def read_exec_params(recv: Callable[[int], bytes]) -> tuple[int, int] | None:
+    """Read the bare 8-byte exec_params record (no header) an agent writes to a
+    qrexec-client-vm socket once the call is allowed: ``(connect_domain, connect_port)``.
+
+    Returns None when the agent closes the socket first, which is how a refusal arrives
+    (spec §4 (iv)); a record cut short is a RemoteProtocolError.
+    """
+    raw = _recv_exactly(recv, EXEC_PARAMS.size, eof_ok=True)
+    if raw is None:
+        return None
+    domain, port = EXEC_PARAMS.unpack(raw)
+    return int(domain), int(port)
 
 
 def _recv_exactly(recv: Callable[[int], bytes], size: int, *, eof_ok: bool) -> bytes | None:

@@ -12,6 +12,7 @@ from qrexec.protocol.framing import (
     FrameDecoder,
     encode_checked,
     max_frame_size,
+    read_exec_params,
     read_message,
 )
 from qrexec.protocol.messages import (
@@ -271,3 +272,25 @@ def test_read_message_allowed_types() -> None:
     frame = encode(Hello(3))
     with pytest.raises(RemoteProtocolError, match="unexpected message HELLO"):
         read_message(lambda n: frame[:n], 3, allowed={MsgType.EXEC_CMDLINE})
+
+
+def test_read_exec_params() -> None:
+    # domain 9, port 515 (0x203), as written by hand
+    record = bytearray(bytes.fromhex("09000000 03020000"))
+
+    def recv(size: int) -> bytes:
+        chunk = bytes(record[:1])
+        del record[:1]
+        return chunk
+
+    assert read_exec_params(recv) == (9, 515)
+    assert read_exec_params(recv) is None  # closed without a record: refused
+    short = bytearray(b"abc")
+
+    def recv_short(size: int) -> bytes:
+        chunk = bytes(short[:size])
+        del short[:size]
+        return chunk
+
+    with pytest.raises(RemoteProtocolError, match="after 3 of 8 bytes"):
+        read_exec_params(recv_short)
