@@ -116,7 +116,9 @@ def test_syntax_error_anywhere_denies_everything() -> None:
 def test_include_relative_and_absolute() -> None:
     policy = load(
         {
-            f"{ETC}/30-a.policy": "!include include/one\n!include /srv/two\ntest.Svc * vm1 @anyvm deny\n",
+            f"{ETC}/30-a.policy": (
+                "!include include/one\n!include /srv/two\ntest.Svc * vm1 @anyvm deny\n"
+            ),
             f"{ETC}/include/one": "test.Svc * vm1 vm2 allow\n",
             "/srv/two": "test.Svc * vm1 vm3 allow\n",
         }
@@ -151,7 +153,8 @@ def test_include_service_reads_old_syntax() -> None:
             f"{ETC}/30-a.policy": "!include-service test.Svc * include/test.Svc\n",
             f"{ETC}/include/test.Svc": (
                 "# R4.0 syntax\n$tag:tag1 $dispvm allow,user=root\n"
-                "vm2 $default allow,target=$dispvm:other-dvm\n$anyvm $anyvm ask,default_target=vm3\n"
+                "vm2 $default allow,target=$dispvm:other-dvm\n"
+                "$anyvm $anyvm ask,default_target=vm3\n"
             ),
         }
     )
