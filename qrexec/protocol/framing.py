@@ -13,7 +13,8 @@ Caps (spec §3.3, §3.4), for the payload length ``hdr.len``:
   (the first 4 bytes count), as upstream's receiver does.
 - EXEC_CMDLINE / JUST_EXEC: 8 to 65535 bytes.
 - TRIGGER_SERVICE3 / TRIGGER_SERVICE4: the prefix (96 / 160 bytes) plus 1 to 65000 bytes of
-  NUL-terminated service name.
+  NUL-terminated service name. The 65000 counts every byte after the prefix, NUL included
+  (the layout's ``n = hdr.len - prefix``), so the name itself has at most 64999 characters.
 - Fixed-size messages must have exactly their size: HELLO 4, SERVICE_REFUSED 32,
   TRIGGER_SERVICE 128, CONNECTION_TERMINATED 8, SERVICE_CONNECT 40 (or 8, the daemon's
   reply to a client).
