@@ -1,0 +1,123 @@
+"""pytest plugin (entry point ``pytest11``): qrexec testbeds as fixtures for service authors.
+
+Fixtures:
+
+* ``qrexec_topology`` - the topology ``qrexec_testbed`` starts: the packaged default unless
+  a test module or conftest overrides this fixture (returning a :class:`Topology`, or a path
+  to a topology file), or the test is marked ``@pytest.mark.qrexec_topology(TOPOLOGY_OR_PATH)``.
+* ``qrexec_testbed`` - a :class:`~qrexec.sim.harness.RunningTestbed` started for one test and
+  torn down after it, with ``install_service``, ``set_policy``, ``set_ask_answers``, ``call``,
+  ``exec``, ``audit``...
+* ``qrexec_testbed_factory`` - ``factory(topology=None)`` starts more testbeds in one test
+  (all torn down after it).
+
+Safe under ``pytest -n auto``: each testbed has its own run directory (short, in /tmp, for
+unix socket path limits) and its VMs get ids from a block no other testbed of the session
+uses (allocated under a lock in the session's shared temporary folder). When a test fails,
+the testbed's logs are attached to its report.
+
+Importing this module is cheap: the testbed modules load when a fixture is first used.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from qrexec.sim.harness import RunningTestbed
+    from qrexec.sim.topology import Topology
+
+#: VM ids per testbed block (a topology with more VMs keeps its own ids).
+ID_BLOCK = 100
+ID_BLOCKS = 300
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "qrexec_topology(topology): the Topology or topology file qrexec_testbed starts",
+    )
+
+
+def _allocate_id_base(factory: pytest.TempPathFactory) -> int:
+    """A block of domain ids no other testbed of this session (any xdist worker) has."""
+    shared = factory.getbasetemp().parent
+    counter = shared / "qrexec-sim-id-blocks"
+    with open(shared / "qrexec-sim-id-blocks.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            used = int(counter.read_text())
+        except (FileNotFoundError, ValueError):
+            used = 0
+        counter.write_text(str(used + 1))
+    return ID_BLOCK * (used % ID_BLOCKS + 1)
+
+
+def _as_topology(value: Any) -> Topology:
+    from qrexec.sim.topology import Topology, load_topology
+
+    if isinstance(value, Topology):
+        return value
+    if isinstance(value, str | Path):
+        return load_topology(value)
+    raise TypeError(f"qrexec_topology: expected a Topology or a path, not {type(value).__name__}")
+
+
+@pytest.fixture
+def qrexec_topology(request: pytest.FixtureRequest) -> Topology:
+    """The topology ``qrexec_testbed`` runs (override this fixture, or use the marker)."""
+    marker = request.node.get_closest_marker("qrexec_topology")
+    if marker is not None:
+        return _as_topology(marker.args[0])
+    from qrexec.sim.topology import default_topology
+
+    return default_topology()
+
+
+@pytest.fixture
+def qrexec_testbed_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningTestbed]]:
+    """Start testbeds on demand; every one is stopped after the test."""
+    from qrexec.sim.harness import RunningTestbed
+
+    started: list[RunningTestbed] = []
+
+    def factory(topology: Topology | str | Path | None = None) -> RunningTestbed:
+        from qrexec.sim.topology import default_topology
+
+        topo = default_topology() if topology is None else _as_topology(topology)
+        if len(topo.vms) < ID_BLOCK:
+            topo = topo.renumbered(_allocate_id_base(tmp_path_factory))
+        testbed = RunningTestbed(topo)
+        started.append(testbed)
+        testbed.start()
+        return testbed
+
+    yield factory
+    failed = False
+    for testbed in reversed(started):
+        try:
+            logs = testbed.logs()
+            if logs:
+                request.node.add_report_section("teardown", f"qrexec-sim {testbed.run_dir}", logs)
+        finally:
+            try:
+                testbed.close()
+            except Exception:
+                failed = True
+    if failed:
+        pytest.fail("a qrexec testbed could not be stopped cleanly")
+
+
+@pytest.fixture
+def qrexec_testbed(
+    qrexec_testbed_factory: Callable[..., RunningTestbed], qrexec_topology: Any
+) -> RunningTestbed:
+    """A testbed of ``qrexec_topology``, running for this test."""
+    return qrexec_testbed_factory(qrexec_topology)
