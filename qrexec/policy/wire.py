@@ -358,7 +358,8 @@ def allow_response(
     """An allow in the §6.1 shapes.
 
     ``target`` is ``dom0`` (then ``target_uuid`` must be ``None``), a qube name (with
-    ``target_uuid`` its bare UUID), or ``@dispvm:NAME`` (with the UUID of NAME). The UUID
+    ``target_uuid`` its UUID, or None when unknown), or ``@dispvm:NAME`` (with the UUID of
+    NAME). The UUID
     gets its ``uuid:`` / ``@dispvm:uuid:`` prefix here; ``user`` ``None`` becomes
     ``DEFAULT``. An empty ``requested_target`` (caller named none) is sent as
     ``@default``, since the wire forbids empty values.
@@ -367,9 +368,10 @@ def allow_response(
         if target_uuid is not None:
             raise LocalProtocolError("dom0 targets carry no target_uuid")
         wire_uuid = None
+    elif not target_uuid:
+        # Not required by §6.1: qrexec-daemon then finds the target by name.
+        wire_uuid = None
     else:
-        if not target_uuid:
-            raise LocalProtocolError(f"target {target!r} needs its uuid")
         bare = target_uuid.removeprefix("uuid:")
         wire_uuid = ("@dispvm:uuid:" if target.startswith("@dispvm:") else "uuid:") + bare
     return PolicyResponse(
