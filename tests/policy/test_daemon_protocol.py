@@ -105,11 +105,14 @@ def test_many_concurrent_requests(tree: PolicyTree) -> None:
         (query("work", "personal", "test.Deny"), b"result=deny\n"),
         (query("work", "@dispvm", "test.Disp"), b"result=allow\n"),
     ] * 40
-    with running_daemon(tree), concurrent.futures.ThreadPoolExecutor(16) as pool:
-        # A client that connects and never sends anything does not block the others.
-        with socket.socket(socket.AF_UNIX) as idle:
-            idle.connect(str(tree.socket))
-            replies = list(pool.map(lambda r: raw_call(tree.socket, r[0]), requests))
+    # A client that connects and never sends anything does not block the others.
+    with (
+        running_daemon(tree),
+        concurrent.futures.ThreadPoolExecutor(16) as pool,
+        socket.socket(socket.AF_UNIX) as idle,
+    ):
+        idle.connect(str(tree.socket))
+        replies = list(pool.map(lambda r: raw_call(tree.socket, r[0]), requests))
     for (_, prefix), reply in zip(requests, replies, strict=True):
         assert reply.startswith(prefix)
     assert len(tree.audit_records()) == len(requests)
