@@ -1,0 +1,299 @@
+"""One dom0-requested call in the agent: EXEC_CMDLINE or JUST_EXEC, start to finish.
+
+Steps: parse ``USER:[nogui:]COMMAND``; for ``QUBESRPC`` calls look the service and its
+rpc-config up and honour ``force-user`` and ``wait-for-session``; decide the user
+(:mod:`.users`); connect the data vchan as client of ``(connect_domain, connect_port)``
+(120 s, as upstream); exchange HELLOs; run and relay (:mod:`.service_io`). A call that
+cannot run still connects and answers with exit code 127 (not found) or 125 (any other
+problem), so the caller never hangs. The caller of :meth:`CallRunner.run` sends
+CONNECTION_TERMINATED afterwards.
+
+Does not touch the control channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from qrexec.agent import service_io
+from qrexec.agent.launch import ProcessSpec, service_spec, shell_command_spec, spawn
+from qrexec.agent.rpc_config import RpcConfig, load_rpc_config
+from qrexec.agent.service_lookup import (
+    DomainRoot,
+    ServiceKind,
+    ServiceTarget,
+    find_config,
+    find_service,
+)
+from qrexec.agent.users import resolve_user
+from qrexec.backends.base import AsyncStream, Backend
+from qrexec.errors import (
+    ProtocolError,
+    ServiceError,
+    ServiceNotFound,
+    TransportError,
+)
+from qrexec.protocol.cmdline import (
+    RpcCall,
+    UserCommand,
+    decode_cmdline,
+    parse_rpc_command,
+    parse_user_command,
+    split_service_name,
+)
+from qrexec.protocol.constants import ExitCode, MsgType
+from qrexec.protocol.messages import ExecRequest
+
+log = logging.getLogger(__name__)
+
+#: The agent waits this long for the caller's data vchan server (spec §3.5).
+DATA_CONNECT_TIMEOUT = 120.0
+WAIT_FOR_SESSION_SERVICE = "qubes.WaitForSession"
+
+
+@dataclass
+class AgentSettings:
+    """What every call of one agent shares."""
+
+    root: DomainRoot
+    service_path: Sequence[str]
+    config_path: Sequence[str]
+    env: Mapping[str, str]
+    own_version: int
+    data_connect_timeout: float = DATA_CONNECT_TIMEOUT
+    #: dom0 gives services the requested-target variables (spec §7).
+    in_dom0: bool = False
+    agent_pid: int = field(default_factory=os.getpid)
+
+
+@dataclass
+class PreparedCall:
+    """What to run, decided before the data vchan exists; ``error`` if nothing can run."""
+
+    user_command: UserCommand | None = None
+    rpc: RpcCall | None = None
+    target: ServiceTarget | None = None
+    config: RpcConfig = field(default_factory=RpcConfig)
+    spec: ProcessSpec | None = None
+    error: ServiceError | None = None
+
+    @property
+    def error_code(self) -> int:
+        if isinstance(self.error, ServiceNotFound):
+            return ExitCode.SERVICE_NOT_FOUND
+        return ExitCode.PROBLEM
+
+
+class CallRunner:
+    """Runs calls for one agent; one instance, many concurrent :meth:`run` tasks."""
+
+    def __init__(self, backend: Backend, settings: AgentSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        #: Only one qubes.WaitForSession runs at a time (spec §7).
+        self._session_lock = asyncio.Lock()
+
+    async def run(self, request: ExecRequest) -> None:
+        """Run one call; never raises except on cancellation."""
+        where = f"domain {request.connect_domain} port {request.connect_port}"
+        prepared = await self.prepare(request.command)
+        if prepared.error is not None:
+            log.warning("call for %s fails: %s", where, prepared.error)
+        try:
+            stream = await self.backend.connect_async(
+                request.connect_domain,
+                request.connect_port,
+                timeout=self.settings.data_connect_timeout,
+            )
+        except (TransportError, TimeoutError, OSError) as exc:
+            log.warning("cannot connect the data vchan to %s: %s", where, exc)
+            return
+        try:
+            await self._serve(stream, request, prepared)
+        except (ProtocolError, TransportError, OSError) as exc:
+            log.warning("call on %s ended: %s", where, exc)
+        finally:
+            stream.close()
+
+    async def prepare(self, raw_command: bytes) -> PreparedCall:
+        prepared = PreparedCall()
+        settings = self.settings
+        try:
+            command = parse_user_command(decode_cmdline(raw_command))
+            prepared.user_command = command
+            user = command.user
+            if command.is_rpc:
+                rpc = parse_rpc_command(command.command)
+                prepared.rpc = rpc
+                prepared.target = find_service(rpc.name, settings.service_path, settings.root)
+                prepared.config = load_rpc_config(
+                    find_config(rpc.name, settings.config_path, settings.root)
+                )
+                user = prepared.config.force_user or user
+                if prepared.config.wait_for_session and not command.nogui:
+                    await self.wait_for_session(user, rpc.source)
+            run_as = resolve_user(user, settings.root, settings.env)
+            if prepared.rpc is None:
+                prepared.spec = shell_command_spec(
+                    command.command, run_as, settings.env, settings.agent_pid
+                )
+            elif prepared.target is not None and prepared.target.kind is ServiceKind.EXECUTABLE:
+                prepared.spec = service_spec(
+                    prepared.target.argv,
+                    prepared.rpc,
+                    run_as,
+                    settings.env,
+                    settings.agent_pid,
+                    in_dom0=settings.in_dom0,
+                )
+        except ServiceError as exc:
+            prepared.error = exc
+        except ProtocolError as exc:
+            prepared.error = ServiceError(f"malformed command line: {exc}")
+        return prepared
+
+    async def wait_for_session(self, user: str, source: str) -> None:
+        """Run qubes.WaitForSession (stdin ``user\\n``) and wait for it, one at a time."""
+        settings = self.settings
+        try:
+            target = find_service(
+                split_service_name(WAIT_FOR_SESSION_SERVICE), settings.service_path, settings.root
+            )
+        except ServiceError as exc:
+            log.warning(
+                "wait-for-session requested but %s is unusable: %s", WAIT_FOR_SESSION_SERVICE, exc
+            )
+            return
+        if target.kind is not ServiceKind.EXECUTABLE:
+            log.warning("%s is not an executable; not waiting", WAIT_FOR_SESSION_SERVICE)
+            return
+        env = {k: v for k, v in settings.env.items() if not k.startswith("QREXEC")}
+        env["QREXEC_REMOTE_DOMAIN"] = source
+        env["QREXEC_SERVICE_FULL_NAME"] = WAIT_FOR_SESSION_SERVICE
+        async with self._session_lock:
+            try:
+                proc = subprocess.Popen(
+                    list(target.argv),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ServiceError(f"cannot run {WAIT_FOR_SESSION_SERVICE}: {exc}") from None
+            assert proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(user.encode() + b"\n")
+            proc.stdin.close()
+            code = await service_io.wait_process(proc)
+            log.info("%s for %s exited with %d", WAIT_FOR_SESSION_SERVICE, user, code)
+
+    async def _serve(
+        self, stream: AsyncStream, request: ExecRequest, prepared: PreparedCall
+    ) -> None:
+        version = await service_io.handshake(stream, self.settings.own_version)
+        channel = service_io.DataChannel(stream, version)
+        if prepared.error is not None:
+            if request.msg_type is MsgType.JUST_EXEC:
+                await channel.send_exit(prepared.error_code)
+            else:
+                await channel.finish_early(prepared.error_code)
+            return
+        if request.msg_type is MsgType.JUST_EXEC:
+            await self._just_exec(channel, prepared)
+            return
+        if prepared.spec is not None:
+            code = await self._run_process(channel, prepared.spec)
+        else:
+            code = await self._run_socket(channel, prepared)
+        log.info("call on port %d finished with %s", request.connect_port, code)
+
+    async def _just_exec(self, channel: service_io.DataChannel, prepared: PreparedCall) -> None:
+        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start)."""
+        if prepared.spec is None:
+            await channel.send_exit(ExitCode.PROBLEM)
+            return
+        try:
+            proc = spawn(
+                prepared.spec,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            await channel.send_exit(ExitCode.PROBLEM)
+            return
+        service_io.reap_in_background(proc)
+        await channel.send_exit(ExitCode.OK)
+
+    async def _run_process(self, channel: service_io.DataChannel, spec: ProcessSpec) -> int | None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        try:
+            proc = spawn(spec, stdin=theirs.fileno(), stdout=stdout_w, stderr=stderr_w)
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            for fd in (stdout_r, stdout_w, stderr_r, stderr_w):
+                os.close(fd)
+            ours.close()
+            theirs.close()
+            await channel.finish_early(ExitCode.PROBLEM)
+            return ExitCode.PROBLEM
+        theirs.close()
+        os.close(stdout_w)
+        os.close(stderr_w)
+        return await service_io.relay_process(channel, proc, ours, stdout_r, stderr_r)
+
+    async def _run_socket(
+        self, channel: service_io.DataChannel, prepared: PreparedCall
+    ) -> int | None:
+        target, rpc, config = prepared.target, prepared.rpc, prepared.config
+        assert target is not None and rpc is not None
+        try:
+            sock = await connect_service_socket(target)
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            await channel.finish_early(ExitCode.PROBLEM)
+            return ExitCode.PROBLEM
+        if not config.skip_service_descriptor and not await service_io.write_fd(
+            sock.fileno(), rpc.descriptor
+        ):
+            sock.close()
+            await channel.finish_early(ExitCode.PROBLEM)
+            return ExitCode.PROBLEM
+        return await service_io.relay_socket(
+            channel,
+            sock,
+            exit_on_client_eof=config.exit_on_client_eof,
+            exit_on_service_eof=config.exit_on_service_eof,
+        )
+
+
+async def connect_service_socket(target: ServiceTarget) -> socket.socket:
+    """Connect to a unix-socket or ``/dev/tcp`` service; ServiceError when it fails."""
+    loop = asyncio.get_running_loop()
+    if target.kind is ServiceKind.TCP:
+        assert target.tcp is not None
+        host, port = target.tcp
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        address: str | tuple[str, int] = (host, port)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = target.path
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot connect to service {target.path}: {exc}") from None
+    return sock

@@ -1,0 +1,172 @@
+"""The agent's control vchan: serve dom0's daemon, dispatch its messages, report call ends.
+
+The agent is the vchan **server** of port 512 for domain 0 with 4096-byte rings (spec
+§3.5). It sends HELLO first, reads the daemon's, keeps ``min(own, daemon)``, then reads
+messages. Each message type goes through :attr:`Agent.handlers`; EXEC_CMDLINE and
+JUST_EXEC start a call task here. SERVICE_CONNECT and SERVICE_REFUSED belong to
+VM-initiated calls: the VM-calls code (``qrexec.agent.trigger``) registers handlers for
+them with :meth:`Agent.register_handler` and sends triggers with :meth:`Agent.send_control`;
+without it they are logged and ignored. When the daemon goes away (or breaks the
+protocol), the agent listens again; calls in flight go on, but their CONNECTION_TERMINATED
+is sent only on the connection that started them, so a restarted daemon never frees a port
+that a new call may hold.
+
+Does not run processes itself (see :mod:`.calls`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from qrexec.agent.calls import AgentSettings, CallRunner
+from qrexec.agent.service_io import handshake
+from qrexec.backends.base import AsyncStream, Backend
+from qrexec.errors import ProtocolError, TransportError
+from qrexec.protocol.constants import VCHAN_CONTROL_PORT, VCHAN_CONTROL_RING_SIZE, MsgType
+from qrexec.protocol.framing import FrameDecoder
+from qrexec.protocol.messages import ConnectionTerminated, ExecRequest, Message, encode
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], Awaitable[None]]
+#: What dom0's daemon may send to an agent.
+DAEMON_MESSAGE_TYPES = frozenset(
+    {MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT, MsgType.SERVICE_REFUSED}
+)
+CONTROL_RECV_SIZE = 65536
+
+
+class Agent:
+    """One qrexec-agent: the control connection and the calls it starts."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: AgentSettings,
+        *,
+        agent_socket: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        #: Path of the trigger socket for qrexec-client-vm (served by the VM-calls code).
+        self.agent_socket = agent_socket
+        self.runner = CallRunner(backend, settings)
+        self.handlers: dict[MsgType, Handler] = {
+            MsgType.EXEC_CMDLINE: self._start_call,
+            MsgType.JUST_EXEC: self._start_call,
+        }
+        #: Negotiated control-channel version (None while no daemon is connected).
+        self.version: int | None = None
+        #: Counts control connections; a call remembers the one that started it.
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self._stream: AsyncStream | None = None
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._notified = False
+
+    def register_handler(self, msg_type: MsgType, handler: Handler) -> None:
+        """Plug a handler for a control message type (VM-initiated calls use this)."""
+        self.handlers[msg_type] = handler
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a tracked task (kept alive until done, errors logged)."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("agent task failed", exc_info=task.exception())
+
+    async def send_control(self, message: Message, generation: int | None = None) -> bool:
+        """Send on the control vchan; False when not connected (or not to ``generation``)."""
+        if self._stream is None or (generation is not None and generation != self.generation):
+            return False
+        stream = self._stream
+        async with self._send_lock:
+            try:
+                await stream.send(encode(message))
+            except TransportError as exc:
+                log.info("control vchan send failed: %s", exc)
+                return False
+        return True
+
+    async def serve_forever(self) -> None:
+        """Accept the daemon, serve it, and start over whenever it goes away."""
+        while True:
+            listener = await self.backend.listen_async(
+                0,
+                VCHAN_CONTROL_PORT,
+                read_min=VCHAN_CONTROL_RING_SIZE,
+                write_min=VCHAN_CONTROL_RING_SIZE,
+            )
+            try:
+                stream = await listener.accept()
+            finally:
+                listener.close()
+            try:
+                await self._serve_connection(stream)
+            except (ProtocolError, TransportError) as exc:
+                log.warning("control vchan dropped: %s", exc)
+            finally:
+                self._stream = None
+                self.version = None
+                self.connected.clear()
+                stream.close()
+            log.info("dom0 daemon disconnected; waiting for it again")
+
+    async def _serve_connection(self, stream: AsyncStream) -> None:
+        version = await handshake(stream, self.settings.own_version)
+        self.generation += 1
+        self.version = version
+        self._stream = stream
+        self.connected.set()
+        log.info("dom0 daemon connected, protocol version %d", version)
+        self._notify_ready()
+        decoder = FrameDecoder(version, allowed=DAEMON_MESSAGE_TYPES)
+        while data := await stream.recv(CONTROL_RECV_SIZE):
+            for message in decoder.feed(data):
+                handler = self.handlers.get(message.msg_type)
+                if handler is None:
+                    log.warning("ignoring %s: no handler in this agent", message.msg_type.name)
+                    continue
+                await handler(message)
+        decoder.close()
+
+    async def _start_call(self, message: Message) -> None:
+        if not isinstance(message, ExecRequest):
+            raise ProtocolError(f"{message.msg_type.name} without a command line")
+        self.spawn(self._run_call(message, self.generation))
+
+    async def _run_call(self, request: ExecRequest, generation: int) -> None:
+        try:
+            await self.runner.run(request)
+        finally:
+            await self.send_control(
+                ConnectionTerminated(request.connect_domain, request.connect_port), generation
+            )
+
+    def _notify_ready(self) -> None:
+        """Tell systemd (``NOTIFY_SOCKET``) once that the daemon has connected."""
+        path = self.settings.env.get("NOTIFY_SOCKET")
+        if self._notified or not path:
+            return
+        self._notified = True
+        if path.startswith("@"):
+            path = "\0" + path[1:]
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", path)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,265 @@
+"""The daemon's unix socket for local clients (qrexec-client, policy children): spec §5.
+
+Socket ``<socket_dir>/qrexec.<domid>`` plus the links ``qrexec.<name>`` and
+``qrexec.uuid:<uuid>``; all exist only while the agent is connected.
+
+Per client: the daemon sends HELLO(3), the client answers HELLO(>= 3), then sends exactly
+one message:
+
+* EXEC_CMDLINE / JUST_EXEC: ``DEFAULT:`` is replaced by the default user. With port 0 the
+  daemon allocates a data port for ``connect_domain`` (§3.5) and replies with the same
+  type and ``{its VM's domid, port}``; a non-zero port must be in 513..768 and gets no
+  reply. The message goes to the agent with the port filled in.
+* SERVICE_CONNECT: accepted only when its ident names a pending VM-initiated request
+  (:class:`~qrexec.daemon.pending.PendingRequests`), which it claims; port handling as
+  above; forwarded to the agent with the ident.
+
+The client is then kept until CONNECTION_TERMINATED for that (domain, port) arrives from
+the agent, and its socket is closed then (what ``qrexec-client -W`` waits for). A byte
+from the client after its message is logged as unexpected and the client dropped.
+
+Limits: at most ``max_clients`` clients; a message whose payload would take the bytes
+buffered from clients past ``max_buffered`` is refused (client dropped); no free port is a
+clean refusal too. A client that does not finish its handshake and message within
+:data:`CLIENT_REQUEST_TIMEOUT` is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from qrexec.daemon.ports import is_data_port
+from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError
+from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
+from qrexec.protocol.constants import CLIENT_SOCKET_PROTOCOL_VERSION, HEADER_SIZE, MsgType
+from qrexec.protocol.fields import validate_ident
+from qrexec.protocol.framing import check_header
+from qrexec.protocol.messages import (
+    HEADER,
+    ExecParams,
+    ExecRequest,
+    Hello,
+    Message,
+    ServiceConnect,
+    ServiceRefused,
+    decode_payload,
+    encode,
+)
+from qrexec.protocol.negotiation import negotiate_client_socket
+
+if TYPE_CHECKING:
+    from qrexec.daemon.core import Daemon
+
+log = logging.getLogger(__name__)
+
+CLIENT_REQUEST_TIMEOUT = 60.0
+CLIENT_MESSAGE_TYPES = frozenset({MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT})
+
+
+class ClientRefused(Exception):
+    """A client request that is dropped cleanly, with the reason logged."""
+
+
+class Client:
+    """One connected client of the daemon socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        #: Set when CONNECTION_TERMINATED for this client's connection arrived.
+        self.terminated = asyncio.Event()
+        self.key: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class ClientServer:
+    """The listening socket, its links, and the clients of one daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[Client] = set()
+        self._waiting: dict[tuple[int, int], set[Client]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.buffered = 0
+
+    # ---- socket files ----
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.daemon.config.socket_dir, f"qrexec.{self.daemon.config.domid}")
+
+    def link_paths(self) -> list[str]:
+        config = self.daemon.config
+        names = [f"qrexec.{config.name}"]
+        if config.uuid:
+            names.append(f"qrexec.uuid:{config.uuid}")
+        return [os.path.join(config.socket_dir, name) for name in names]
+
+    async def start(self) -> None:
+        os.makedirs(self.daemon.config.socket_dir, exist_ok=True)
+        self._remove_files()
+        self._server = await asyncio.start_unix_server(self._serve_client, path=self.socket_path)
+        target = os.path.basename(self.socket_path)
+        for link in self.link_paths():
+            os.symlink(target, link)
+        log.info("listening on %s", self.socket_path)
+
+    async def stop(self) -> None:
+        """Remove the socket files and drop every client (the agent went away)."""
+        self._remove_files()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for client in list(self._clients):
+            client.close()
+        for task in list(self._tasks):
+            task.cancel()
+        self._waiting.clear()
+
+    def _remove_files(self) -> None:
+        for path in (self.socket_path, *self.link_paths()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # ---- termination ----
+
+    def connection_terminated(self, domain: int, port: int) -> None:
+        """The agent reported the end of (domain, port): release its waiting clients."""
+        for client in self._waiting.pop((domain, port), set()):
+            client.terminated.set()
+
+    def _wait_for_termination(self, client: Client, domain: int, port: int) -> None:
+        client.key = (domain, port)
+        self._waiting.setdefault(client.key, set()).add(client)
+
+    # ---- per client ----
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        client = Client(reader, writer)
+        task = asyncio.current_task()
+        config = self.daemon.config
+        if len(self._clients) >= config.max_clients:
+            log.warning("refusing a client: %d clients already connected", len(self._clients))
+            client.close()
+            return
+        self._clients.add(client)
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT):
+                message = await self._handshake_and_read(client)
+            await self._handle(client, message)
+            await self._hold(client)
+        except (ClientRefused, ProtocolError) as exc:
+            log.warning("dropping a client of %s: %s", config.name, exc)
+        except TimeoutError:
+            log.warning("dropping a client of %s: no request within the time limit", config.name)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            log.debug("a client of %s went away", config.name)
+        finally:
+            self._clients.discard(client)
+            if client.key is not None:
+                waiting = self._waiting.get(client.key)
+                if waiting is not None:
+                    waiting.discard(client)
+                    if not waiting:
+                        del self._waiting[client.key]
+            if task is not None:
+                self._tasks.discard(task)
+            client.close()
+
+    async def _read_message(self, client: Client, allowed: frozenset[MsgType]) -> Message:
+        header = await client.reader.readexactly(HEADER_SIZE)
+        msg_type, length = HEADER.unpack(header)
+        kind = check_header(msg_type, length, CLIENT_SOCKET_PROTOCOL_VERSION, allowed)
+        limit = self.daemon.config.max_buffered
+        if self.buffered + length > limit:
+            raise ClientRefused(
+                f"a {length}-byte message would exceed the {limit}-byte buffer limit"
+            )
+        self.buffered += length
+        try:
+            payload = await client.reader.readexactly(length)
+        finally:
+            self.buffered -= length
+        return decode_payload(kind, payload)
+
+    async def _handshake_and_read(self, client: Client) -> Message:
+        client.writer.write(encode(Hello(CLIENT_SOCKET_PROTOCOL_VERSION)))
+        await client.writer.drain()
+        hello = await self._read_message(client, frozenset({MsgType.HELLO}))
+        assert isinstance(hello, Hello)
+        negotiate_client_socket(hello.version)
+        return await self._read_message(client, CLIENT_MESSAGE_TYPES)
+
+    async def _handle(self, client: Client, message: Message) -> None:
+        daemon = self.daemon
+        generation = daemon.generation
+        if isinstance(message, ExecRequest):
+            command = replace_default_user(
+                decode_cmdline(message.command), daemon.config.default_user
+            )
+            domain, port = await self._port_for(client, message.msg_type, message)
+            forward: Message = ExecRequest(message.msg_type, domain, port, encode_cmdline(command))
+        elif isinstance(message, ServiceConnect):
+            try:
+                ident = validate_ident(message.ident)
+            except InvalidField as exc:
+                raise ClientRefused(f"SERVICE_CONNECT: {exc}") from None
+            if daemon.pending.claim(ident) is None:
+                raise ClientRefused(f"SERVICE_CONNECT for {ident!r}, which is not pending")
+            try:
+                domain, port = await self._port_for(client, MsgType.SERVICE_CONNECT, message)
+            except ClientRefused:
+                # The request was claimed: tell the agent, or its client-vm waits forever.
+                await daemon.send_to_agent(ServiceRefused(message.ident), generation)
+                raise
+            forward = ServiceConnect(domain, port, message.ident)
+        else:
+            raise RemoteProtocolError(f"{message.msg_type.name} without its parameters")
+        self._wait_for_termination(client, domain, port)
+        if not await daemon.send_to_agent(forward, generation):
+            daemon.ports.release(domain, port)
+            raise ClientRefused("the agent went away before the request could be sent")
+
+    async def _port_for(
+        self, client: Client, reply_type: MsgType, message: ExecRequest | ServiceConnect
+    ) -> tuple[int, int]:
+        domain, port = message.connect_domain, message.connect_port
+        daemon = self.daemon
+        if port == 0:
+            allocated = daemon.ports.allocate(domain)
+            if allocated is None:
+                raise ClientRefused(
+                    f"no free data port for domain {domain} "
+                    f"({len(daemon.ports)} in use, limit {daemon.ports.limit})"
+                )
+            reply = ExecParams(reply_type, daemon.config.domid, allocated)
+            client.writer.write(encode(reply))
+            await client.writer.drain()
+            return domain, allocated
+        if not is_data_port(port):
+            raise ClientRefused(f"port {port} is outside the data-port range")
+        return domain, port
+
+    async def _hold(self, client: Client) -> None:
+        """Keep the client until its connection ends; any byte from it is unexpected."""
+        read = asyncio.ensure_future(client.reader.read(1))
+        done = asyncio.ensure_future(client.terminated.wait())
+        try:
+            await asyncio.wait((read, done), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            read.cancel()
+            done.cancel()
+        if read.done() and not read.cancelled() and read.result():
+            raise ClientRefused("unexpected data after the request")
