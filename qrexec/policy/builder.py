@@ -278,3 +278,40 @@ def build_policy(store: PolicyStore, paths: PolicyPaths) -> Policy:
         log.error("policy error, denying every call: %s", exc)
         return Policy.failed(exc, builder.store.sources)
     return Policy(builder.rules, sources=builder.store.sources, hint=hint)
+
+
+LEGACY_FORMATS = ("r4.0", "2011")
+
+
+def _legacy_format(name: str, paths: PolicyPaths) -> _LegacyFormat:
+    if name == "r4.0":
+        return _r40(paths)
+    if name == "2011":
+        return _f2011(paths)
+    raise ValueError(f"unknown legacy format {name!r} (known: {', '.join(LEGACY_FORMATS)})")
+
+
+def read_legacy_dir(store: PolicyStore, fmt: str, directory: str) -> list[Rule]:
+    """All rules a legacy directory contributes (as ``!compat-4.0``/``!compat-2011`` read it,
+    implicit denies included); raises PolicySyntaxError."""
+    paths = PolicyPaths(legacy_dir=directory, dir_2011=directory)
+    builder = _Builder(store, paths)
+    builder.load_legacy_dir(_legacy_format(fmt, paths), None)
+    return builder.rules
+
+
+def read_legacy_file(
+    store: PolicyStore, fmt: str, path: str, include_dir: str, *, implicit_deny: bool = True
+) -> list[Rule]:
+    """Rules of one legacy per-service file (service and argument from its name).
+
+    ``$include:`` paths resolve against ``include_dir``. With ``implicit_deny`` an
+    argument-specific file is closed by the two implicit denies, as in a directory.
+    """
+    paths = PolicyPaths(legacy_dir=include_dir, dir_2011=include_dir)
+    builder = _Builder(store, paths)
+    service, argument = split_legacy_name(posixpath.basename(path), path)
+    builder.load_legacy_file(path, service, argument, None, _legacy_format(fmt, paths))
+    if implicit_deny and argument != "*":
+        builder.add_implicit_denies(service, argument, path, None)
+    return builder.rules
