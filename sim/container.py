@@ -362,7 +362,7 @@ class Dom0Supervisor:
             find_program("qrexec-policy-daemon"),
             "--system-info", str(SYSTEM_INFO),
             "--audit-log", str(AUDIT_LOG),
-            "--prompter", f"scripted:{ASK_SCRIPT}",
+            "--ask-prompter", f"scripted:{ASK_SCRIPT}",
         ]  # fmt: skip
         self.policy, _ = processes.spawn(
             "policy-daemon", "dom0", policy_argv, dict(os.environ), LOG_DIR / "policy-daemon.log"

@@ -112,8 +112,6 @@ class Testbed:
             QREXEC_DAEMON_SOCKET_DIR=str(self.run.daemon_socket_dir),
             QREXEC_POLICY_SOCKET=str(self.run.policy_socket),
             QREXEC_QUBESD_SOCKET=str(self.run.qubesd_socket),
-            QREXEC_SERVICE_PATH=roots.path_list(root, roots.SERVICE_DIRS),
-            QUBES_RPC_CONFIG_PATH=roots.path_list(root, roots.RPC_CONFIG_DIRS),
             QREXEC_DOMAIN_ROOT=str(root),
             QREXEC_STARTUP_TIMEOUT=str(int(START_TIMEOUT)),
             QREXEC_POLICY_PATH=roots.path_list(root, roots.MODERN_POLICY_DIRS),
@@ -125,13 +123,15 @@ class Testbed:
         return env
 
     def vm_env(self, name: str, domain_id: int) -> dict[str, str]:
-        """A VM's programs: its agent and its qrexec-client-vm calls."""
+        """A VM's programs: its agent and its qrexec-client-vm calls.
+
+        The agent resolves its default service and rpc-config paths inside
+        ``QREXEC_DOMAIN_ROOT``, so the domain sees the upstream paths.
+        """
         root = self.run.root(name)
         env = self.base_env(domain_id)
         env.update(
             QREXEC_AGENT_SOCKET=str(self.run.agent_socket(name)),
-            QREXEC_SERVICE_PATH=roots.path_list(root, roots.SERVICE_DIRS),
-            QUBES_RPC_CONFIG_PATH=roots.path_list(root, roots.RPC_CONFIG_DIRS),
             QREXEC_DOMAIN_ROOT=str(root),
         )
         return env
@@ -214,7 +214,7 @@ class Testbed:
             str(roots.inside(dom0_root, "/etc/qubes-rpc/policy.EvalSimple")),
             "--gui-socket-path",
             str(roots.inside(dom0_root, "/etc/qubes-rpc/policy.EvalGUI")),
-            "--prompter",
+            "--ask-prompter",
             f"scripted:{self.run.ask_script}",
         ]
         for directory in roots.MODERN_POLICY_DIRS:
