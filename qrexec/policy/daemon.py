@@ -38,7 +38,7 @@ from qrexec.errors import RemoteProtocolError
 from qrexec.policy.decide import Decider
 from qrexec.policy.decider_setup import add_decider_arguments, build_decider
 from qrexec.policy.eval_services import EvalService
-from qrexec.policy.socket_service import remove_socket, start_unix_service
+from qrexec.policy.socket_service import ConnectionTracker, remove_socket, start_unix_service
 from qrexec.policy.wire import PolicyQuery, QueryDecoder
 
 log = logging.getLogger("qrexec.policy.daemon")
@@ -149,11 +149,13 @@ async def serve(
         "EvalGUI": EvalService(decider, gui=True).handle,
     }
     servers: list[tuple[str, asyncio.Server]] = []
+    connections = ConnectionTracker()
     stop = stop or asyncio.Event()
     try:
         for what, path in paths.items():
             if path:
-                servers.append((path, await start_unix_service(path, handlers[what])))
+                handler = connections.wrap(handlers[what])
+                servers.append((path, await start_unix_service(path, handler)))
                 log.info("serving %s on %s", what, path)
         if ready is not None:
             ready.set()
@@ -162,6 +164,7 @@ async def serve(
         for path, server in servers:
             server.close()
             remove_socket(path)
+        await connections.aclose()
         await decider.flush_notifications()
         decider.audit.close()
 

@@ -30,7 +30,12 @@ from qrexec.policy.ask import (
     make_prompter,
 )
 from qrexec.policy.notify import Notification
-from qrexec.policy.socket_service import read_service_call, remove_socket, start_unix_service
+from qrexec.policy.socket_service import (
+    ConnectionTracker,
+    read_service_call,
+    remove_socket,
+    start_unix_service,
+)
 
 log = logging.getLogger("qrexec.policy.agent")
 
@@ -100,7 +105,8 @@ async def serve(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"qrexec-policy-agent: {exc}") from None
     agent = PolicyAgent(prompter, args.notify_log)
-    server = await start_unix_service(args.socket_path, agent.handle)
+    connections = ConnectionTracker()
+    server = await start_unix_service(args.socket_path, connections.wrap(agent.handle))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,6 +117,7 @@ async def serve(args: argparse.Namespace) -> None:
     finally:
         server.close()
         remove_socket(args.socket_path)
+        await connections.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:

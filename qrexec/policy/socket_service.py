@@ -219,3 +219,31 @@ def remove_socket(path: str) -> None:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
+
+
+class ConnectionTracker:
+    """Wraps connection handlers so that shutting down also ends the connections in flight
+    (``Server.close`` in Python 3.11 leaves them running): each is cancelled, which closes
+    its socket through the handler's own cleanup, so no client waits forever."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wrap(self, handler: ConnectionHandler) -> ConnectionHandler:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                await handler(reader, writer)
+            finally:
+                self._tasks.discard(task)
+
+        return tracked
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
