@@ -73,6 +73,8 @@ class CallerIO:
     filter_stderr: bool = False
     #: Close (or shut down) our stdout when the service's stdout ends.
     close_stdout_at_eof: bool = True
+    #: Set by :func:`run_caller` once it has closed ``stdout_fd``.
+    stdout_closed: bool = False
 
 
 def _is_socket(fd: int) -> bool:
@@ -186,6 +188,7 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
                     open_outputs[kind] = False
                     if kind is MsgType.DATA_STDOUT and io.close_stdout_at_eof:
                         _close_output(outputs[kind])
+                        io.stdout_closed = True
                     continue
                 payload = filter_escapes(message.data) if filters[kind] else message.data
                 if not _write_all(outputs[kind], payload):

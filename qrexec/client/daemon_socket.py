@@ -34,6 +34,26 @@ def daemon_socket_path(socket_dir: str, dest: str) -> str:
     return os.path.join(socket_dir, f"qrexec.{dest}")
 
 
+#: Longest path a sockaddr_un holds (108 bytes with the NUL).
+MAX_UNIX_PATH = 107
+
+
+def connect_unix(sock: socket.socket, path: str) -> None:
+    """``connect`` that also works for paths longer than a sockaddr_un holds.
+
+    Such paths happen with deep socket folders (test and testbed run folders): the
+    folder is opened and reached through ``/proc/self/fd``.
+    """
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        sock.connect(path)
+        return
+    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
+    finally:
+        os.close(folder)
+
+
 class DaemonConnection:
     """One request on a daemon socket."""
 
@@ -45,7 +65,7 @@ class DaemonConnection:
         path = daemon_socket_path(socket_dir, dest)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(path)
+            connect_unix(sock, path)
         except OSError as exc:
             sock.close()
             raise DaemonUnreachable(

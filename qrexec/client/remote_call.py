@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 from typing import Any
 
@@ -101,13 +102,15 @@ class RemoteCall:
             assert local.stdin is not None and local.stdout is not None
             io = CallerIO(
                 stdin_fd=local.stdout.fileno(),
-                stdout_fd=local.stdin.fileno(),
+                stdout_fd=os.dup(local.stdin.fileno()),
                 stderr_fd=2,
                 prefix_data=prefix,
                 filter_stderr=args.filter_stderr,
             )
-            code = run_caller(stream, version, io)
             local.stdin.close()
+            code = run_caller(stream, version, io)
+            if not io.stdout_closed:
+                os.close(io.stdout_fd)
             local.wait()
             return code
         if args.use_stdin_socket:

@@ -30,8 +30,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING
 
+from qrexec.client.daemon_socket import MAX_UNIX_PATH
 from qrexec.daemon.ports import is_data_port
 from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError
 from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
@@ -58,6 +60,25 @@ log = logging.getLogger(__name__)
 
 CLIENT_REQUEST_TIMEOUT = 60.0
 CLIENT_MESSAGE_TYPES = frozenset({MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT})
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path``, even past the sockaddr_un length limit."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+            sock.bind(path)
+        else:
+            folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                sock.bind(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
+            finally:
+                os.close(folder)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class ClientRefused(Exception):
@@ -106,7 +127,9 @@ class ClientServer:
     async def start(self) -> None:
         os.makedirs(self.daemon.config.socket_dir, exist_ok=True)
         self._remove_files()
-        self._server = await asyncio.start_unix_server(self._serve_client, path=self.socket_path)
+        self._server = await asyncio.start_unix_server(
+            self._serve_client, sock=bind_unix(self.socket_path)
+        )
         target = os.path.basename(self.socket_path)
         for link in self.link_paths():
             os.symlink(target, link)
