@@ -68,6 +68,8 @@ class Agent:
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._notified = False
+        #: Callbacks run when the daemon connection ends (VM-call code refuses its waiters).
+        self.on_disconnect: list[Callable[[], None]] = []
 
     def register_handler(self, msg_type: MsgType, handler: Handler) -> None:
         """Plug a handler for a control message type (VM-initiated calls use this)."""
@@ -120,6 +122,8 @@ class Agent:
                 self.version = None
                 self.connected.clear()
                 stream.close()
+                for callback in self.on_disconnect:
+                    callback()
             log.info("dom0 daemon disconnected; waiting for it again")
 
     async def _serve_connection(self, stream: AsyncStream) -> None:
