@@ -1,0 +1,273 @@
+"""The agent's trigger socket: VM-initiated calls from ``qrexec-client-vm`` (spec §4(ii)).
+
+Each client of the trigger socket (``-a``/``QREXEC_AGENT_SOCKET``, a host path as given;
+default ``/var/run/qubes/qrexec-agent``) sends one trigger and no HELLO:
+TRIGGER_SERVICE4 (R4.3+ clients), TRIGGER_SERVICE3 (R4.2) or the fixed-size v2
+MSG_TRIGGER_SERVICE. Its request id is replaced by ``SOCKET<fd>`` - our own descriptor
+number for that client, unique while we hold it - and the trigger is **converted to what
+the control channel negotiated**: TRIGGER_SERVICE4 for v4, TRIGGER_SERVICE3 for v3 (the
+source qube is dropped), the fixed 128-byte MSG_TRIGGER_SERVICE for v2. A request that
+does not fit v2's fields (service name over 63 bytes, target over 31) cannot be expressed
+and is refused locally: the client socket is closed, which the client reports as
+"Request refused".
+
+dom0 answers on the control channel with the ident:
+
+* SERVICE_CONNECT ``{domain, port}``: the bare 8-byte exec_params go to that client, which
+  becomes the vchan server of ``(domain, port)``. We then wait for the client to close its
+  socket and send CONNECTION_TERMINATED ``(domain, port)``, on the control connection the
+  request went out on (a restarted daemon must not free a port a new call holds).
+* SERVICE_REFUSED: the client socket is closed.
+
+A client that goes away before the answer keeps its descriptor (and so its ident) until
+the answer arrives, so an ident is never reused while dom0 may still answer it; a late
+SERVICE_CONNECT for it is terminated at once. When the control connection drops, every
+waiting client is refused. A malformed trigger, or none within
+:data:`TRIGGER_READ_TIMEOUT`, closes that client only; more than :data:`MAX_WAITING`
+waiting clients are refused at once.
+
+asyncio only; the control channel itself is :mod:`.control`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from qrexec.errors import InvalidField, ProtocolError
+from qrexec.protocol.constants import HEADER_SIZE, IDENT_SIZE, MAX_PROTOCOL_VERSION, MsgType
+from qrexec.protocol.fields import Trigger, convert_trigger, fixed_field_value
+from qrexec.protocol.framing import check_header
+from qrexec.protocol.messages import (
+    HEADER,
+    ConnectionTerminated,
+    ExecParams,
+    Message,
+    ServiceConnect,
+    ServiceRefused,
+    TriggerService,
+    TriggerService3,
+    TriggerService4,
+    decode_payload,
+)
+
+if TYPE_CHECKING:
+    from qrexec.agent.control import Agent
+
+log = logging.getLogger(__name__)
+
+TRIGGER_TYPES = frozenset(
+    {MsgType.TRIGGER_SERVICE, MsgType.TRIGGER_SERVICE3, MsgType.TRIGGER_SERVICE4}
+)
+#: A client must send its whole trigger this soon after connecting.
+TRIGGER_READ_TIMEOUT = 10.0
+#: Most clients waiting for dom0's answer at once (dom0 keeps at most 256 pending).
+MAX_WAITING = 1024
+IDENT_PREFIX = "SOCKET"
+#: What a connected client may still send us: nothing meaningful; it is read and dropped.
+DRAIN_SIZE = 4096
+
+
+@dataclasses.dataclass(eq=False)
+class Waiter:
+    """One client waiting for dom0's answer."""
+
+    ident: str
+    writer: asyncio.StreamWriter
+    reader: asyncio.StreamReader
+    generation: int
+    #: ``(domain, port)`` on SERVICE_CONNECT, None on refusal.
+    answer: asyncio.Future[tuple[int, int] | None]
+
+    def resolve(self, value: tuple[int, int] | None) -> None:
+        if not self.answer.done():
+            self.answer.set_result(value)
+
+
+def bind_unix(path: str) -> socket.socket:
+    """A listening unix socket at ``path`` (a stale socket file there is replaced).
+
+    Paths longer than a sockaddr_un holds (deep test folders) are reached through the
+    folder's ``/proc/self/fd`` entry.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if len(os.fsencode(path)) <= 107:
+            sock.bind(path)
+        else:
+            folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                sock.bind(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
+            finally:
+                os.close(folder)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def with_ident(message: Trigger, ident: str) -> Trigger:
+    """``message`` with its request id replaced (any layout)."""
+    return dataclasses.replace(message, request_id=ident.encode("ascii"))
+
+
+class TriggerSocket:
+    """The trigger socket of one agent and the clients waiting on it."""
+
+    def __init__(self, agent: Agent, path: str) -> None:
+        self.agent = agent
+        self.path = path
+        self.waiting: dict[str, Waiter] = {}
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, sock=bind_unix(self.path))
+        self.agent.register_handler(MsgType.SERVICE_CONNECT, self._on_service_connect)
+        self.agent.register_handler(MsgType.SERVICE_REFUSED, self._on_service_refused)
+        self.agent.on_disconnect.append(self._refuse_all)
+        log.info("trigger socket for qrexec-client-vm at %s", self.path)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    # ---- answers from dom0 ----
+
+    @staticmethod
+    def _ident_of(raw: bytes) -> str:
+        return fixed_field_value(raw, IDENT_SIZE).decode("ascii", "replace")
+
+    async def _on_service_connect(self, message: Message) -> None:
+        if not isinstance(message, ServiceConnect):
+            log.warning("SERVICE_CONNECT without a request id from dom0; ignored")
+            return
+        waiter = self.waiting.pop(self._ident_of(message.ident), None)
+        if waiter is None:
+            log.warning(
+                "SERVICE_CONNECT for unknown request %r; ignored", self._ident_of(message.ident)
+            )
+            return
+        waiter.resolve((message.connect_domain, message.connect_port))
+
+    async def _on_service_refused(self, message: Message) -> None:
+        assert isinstance(message, ServiceRefused)
+        waiter = self.waiting.pop(self._ident_of(message.ident), None)
+        if waiter is None:
+            log.warning("SERVICE_REFUSED for unknown request %r", self._ident_of(message.ident))
+            return
+        waiter.resolve(None)
+
+    def _refuse_all(self) -> None:
+        """The control connection ended: nobody will answer the waiting clients."""
+        waiters = list(self.waiting.values())
+        self.waiting.clear()
+        for waiter in waiters:
+            waiter.resolve(None)
+        if waiters:
+            log.info("dom0 went away: refused %d waiting request(s)", len(waiters))
+
+    # ---- one client ----
+
+    async def _read_trigger(self, reader: asyncio.StreamReader) -> Trigger:
+        header = await reader.readexactly(HEADER_SIZE)
+        msg_type, length = HEADER.unpack(header)
+        kind = check_header(msg_type, length, MAX_PROTOCOL_VERSION, allowed=TRIGGER_TYPES)
+        message = decode_payload(kind, await reader.readexactly(length))
+        assert isinstance(message, TriggerService | TriggerService3 | TriggerService4)
+        return message
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        ident = f"{IDENT_PREFIX}{sock.fileno()}"
+        try:
+            if len(self.waiting) >= MAX_WAITING:
+                log.warning("refusing a call: %d requests already wait for dom0", MAX_WAITING)
+                return
+            try:
+                async with asyncio.timeout(TRIGGER_READ_TIMEOUT):
+                    message = await self._read_trigger(reader)
+            except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
+                log.warning("dropping a trigger-socket client: %s", exc or "no trigger in time")
+                return
+            await self._forward_and_wait(ident, message, reader, writer)
+        finally:
+            writer.close()
+
+    async def _forward_and_wait(
+        self,
+        ident: str,
+        message: Trigger,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        agent = self.agent
+        version, generation = agent.version, agent.generation
+        if version is None:
+            log.warning("refusing a call: dom0's daemon is not connected")
+            return
+        try:
+            forward = convert_trigger(with_ident(message, ident), version)
+        except InvalidField as exc:
+            log.warning("refusing a call that protocol version %d cannot carry: %s", version, exc)
+            return
+        waiter = Waiter(
+            ident, writer, reader, generation, asyncio.get_running_loop().create_future()
+        )
+        self.waiting[ident] = waiter
+        if not await agent.send_control(forward, generation):
+            self.waiting.pop(ident, None)
+            log.warning("refusing a call: the control channel is gone")
+            return
+        log.debug("forwarded %s as %s", ident, forward.msg_type.name)
+        try:
+            answer = await waiter.answer
+        finally:
+            if self.waiting.get(ident) is waiter:
+                del self.waiting[ident]
+        if answer is None:
+            log.info("request %s refused", ident)
+            return
+        domain, port = answer
+        try:
+            writer.write(ExecParams(MsgType.SERVICE_CONNECT, domain, port).payload())
+            await writer.drain()
+            # The client holds the socket for the whole call; its end is the call's end.
+            while await reader.read(DRAIN_SIZE):
+                pass
+        except OSError as exc:
+            log.info("client of %s went away: %s", ident, exc)
+        finally:
+            await agent.send_control(ConnectionTerminated(domain, port), generation)
+            log.debug("call %s (domain %d port %d) terminated", ident, domain, port)
+
+
+async def install(agent: Agent) -> None:
+    """Serve the trigger socket of ``agent`` (called by :mod:`.cli` when present).
+
+    A socket that cannot be created (no such folder and no right to make it) is logged
+    and the agent runs on without VM-initiated calls.
+    """
+    path = agent.agent_socket
+    if not path:
+        log.info("no trigger socket configured: VM-initiated calls are disabled")
+        return
+    service = TriggerSocket(agent, path)
+    try:
+        await service.start()
+    except OSError as exc:
+        log.warning(
+            "cannot serve the trigger socket %s: %s; VM-initiated calls disabled", path, exc
+        )
