@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -45,7 +44,16 @@ def pattern_blocks(total: int, seed: int) -> Iterator[bytes]:
 
 
 def peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak RSS of this process image (``VmHWM``).
+
+    Not ``getrusage``: Linux carries the pre-exec high-water mark of the forking parent
+    (pytest, here) over into ``ru_maxrss``, which would measure the parent, not us.
+    """
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class BlockingSide:
