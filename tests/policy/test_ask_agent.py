@@ -160,25 +160,27 @@ def test_descriptor_codec() -> None:
 def test_agent_as_a_process(tmp_path: Path) -> None:
     sock = tmp_path / "agent.sock"
     answers = _script(tmp_path, "* * * allow:vm3\n")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qrexec.policy.policy_agent",
-            "-s",
-            str(sock),
-            "--answer",
-            f"scripted:{answers}",
-            "-q",
-        ],
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "agent.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qrexec.policy.policy_agent",
+                "-s",
+                str(sock),
+                "--answer",
+                f"scripted:{answers}",
+                "-q",
+            ],
+            stderr=log_file,
+        )
     try:
         for _ in range(500):
             if sock.exists() or proc.poll() is not None:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.poll() is None, log.read_text()
         client = PolicyAgentClient(str(sock), "unused")
         assert asyncio.run(PolicyAskPrompter(client).ask(PROMPT, "dom0")) == b"allow:vm3"
     finally:
