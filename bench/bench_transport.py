@@ -1,0 +1,211 @@
+"""Socket-backend throughput as a ratio to a plain blocking unix-socket copy.
+
+Every mode moves the same bytes between two processes (sender and receiver, like two
+domains), with the same 1 MiB sends and 64 KiB receives; the receiver times from the
+connection to end of stream. Modes run interleaved, several rounds, and the median per mode
+is compared with the median of the plain copy measured in the same run, so machine noise
+affects the baseline and the backend alike:
+
+  plain      socket.sendall / socket.recv on a bare AF_UNIX socket (the baseline)
+  blocking   the socket backend's blocking face (qrexec-client, qrexec-client-vm)
+  asyncio    the socket backend's asyncio face (agent, daemon)
+  streams    asyncio streams on a bare socket, for reference (not used by the project)
+
+Run: ``python bench/bench_transport.py [--mib 512] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("plain", "blocking", "asyncio", "streams")
+SEND_SIZE = 1 << 20
+RECV_SIZE = 65536
+PORT = 513
+
+
+def _plain_path(directory: Path) -> str:
+    return str(directory / "plain.sock")
+
+
+def _connect_plain(path: str) -> socket.socket:
+    deadline = time.monotonic() + 30
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.001)
+
+
+def receive(mode: str, directory: Path) -> tuple[int, float]:
+    """Receive until end of stream; return (bytes, seconds since the connection)."""
+    total = 0
+    if mode == "plain":
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(_plain_path(directory))
+        server.listen(1)
+        print("listening", flush=True)
+        conn, _ = server.accept()
+        start = time.perf_counter()
+        while data := conn.recv(RECV_SIZE):
+            total += len(data)
+        return total, time.perf_counter() - start
+    if mode == "blocking":
+        from qrexec.backends.socket import SocketBackend
+
+        listener = SocketBackend(1, directory).listen(2, PORT)
+        print("listening", flush=True)
+        stream = listener.accept()
+        start = time.perf_counter()
+        while data := stream.recv(RECV_SIZE):
+            total += len(data)
+        return total, time.perf_counter() - start
+    import asyncio
+
+    async def run_asyncio() -> tuple[int, float]:
+        from qrexec.backends.socket import SocketBackend
+
+        count = 0
+        listener = await SocketBackend(1, directory).listen_async(2, PORT)
+        print("listening", flush=True)
+        stream = await listener.accept()
+        start = time.perf_counter()
+        while data := await stream.recv(RECV_SIZE):
+            count += len(data)
+        return count, time.perf_counter() - start
+
+    async def run_streams() -> tuple[int, float]:
+        done: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            count = 0
+            start = time.perf_counter()
+            while data := await reader.read(RECV_SIZE):
+                count += len(data)
+            done.set_result((count, time.perf_counter() - start))
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, _plain_path(directory))
+        print("listening", flush=True)
+        result = await done
+        server.close()
+        return result
+
+    return asyncio.run(run_asyncio() if mode == "asyncio" else run_streams())
+
+
+def send(mode: str, directory: Path, size: int) -> None:
+    block = os.urandom(SEND_SIZE)
+    count = size // SEND_SIZE
+    if mode == "plain":
+        sock = _connect_plain(_plain_path(directory))
+        for _ in range(count):
+            sock.sendall(block)
+        sock.close()
+        return
+    if mode == "blocking":
+        from qrexec.backends.socket import SocketBackend
+
+        stream = SocketBackend(2, directory).connect(1, PORT, timeout=30)
+        for _ in range(count):
+            stream.send(block)
+        stream.close()
+        return
+    import asyncio
+
+    async def run_asyncio() -> None:
+        from qrexec.backends.socket import SocketBackend
+
+        stream = await SocketBackend(2, directory).connect_async(1, PORT, timeout=30)
+        for _ in range(count):
+            await stream.send(block)
+        await stream.aclose()
+
+    async def run_streams() -> None:
+        _reader, writer = await asyncio.open_unix_connection(_plain_path(directory))
+        for _ in range(count):
+            writer.write(block)
+            await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    asyncio.run(run_asyncio() if mode == "asyncio" else run_streams())
+
+
+def measure(mode: str, size: int) -> float:
+    """One transfer of ``size`` bytes in two processes; return MB/s."""
+    directory = Path(tempfile.mkdtemp(prefix="vcb", dir="/tmp"))
+    script = os.path.abspath(__file__)
+    receiver = subprocess.Popen(
+        [sys.executable, script, "--child", "receive", mode, str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sender: subprocess.Popen[str] | None = None
+    try:
+        assert receiver.stdout is not None
+        if receiver.stdout.readline().strip() != "listening":
+            raise RuntimeError(f"{mode} receiver did not start")
+        sender = subprocess.Popen(
+            [sys.executable, script, "--child", "send", mode, str(directory), str(size)]
+        )
+        out, _ = receiver.communicate(timeout=600)
+        if sender.wait(60) != 0 or receiver.returncode != 0:
+            raise RuntimeError(f"{mode} transfer failed")
+    finally:
+        for process in (receiver, sender):
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, 9)
+                process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+    received, seconds = out.split()
+    if int(received) != size:
+        raise RuntimeError(f"{mode}: received {received} of {size} bytes")
+    return size / float(seconds) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="socket-backend throughput vs a plain copy")
+    parser.add_argument("--mib", type=int, default=512, help="MiB per transfer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        role, mode, directory = args.child[:3]
+        if role == "receive":
+            received, seconds = receive(mode, Path(directory))
+            print(received, seconds, flush=True)
+        else:
+            send(mode, Path(directory), int(args.child[3]))
+        return 0
+
+    size = args.mib * SEND_SIZE
+    results: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            results[mode].append(measure(mode, size))
+    baseline = statistics.median(results["plain"])
+    print(f"{args.mib} MiB per transfer, median of {args.rounds} rounds, two processes")
+    print(f"{'mode':10} {'MB/s':>8} {'ratio to plain':>15}")
+    for mode in MODES:
+        rate = statistics.median(results[mode])
+        print(f"{mode:10} {rate:8.0f} {rate / baseline:15.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
