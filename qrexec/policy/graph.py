@@ -38,7 +38,9 @@ Edge = tuple[str, str, str, bool, str]  # source, target, label, is_ask, rule
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A DOT string literal; newlines become DOT's centred line break."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def service_calls(policy: Policy, services: Sequence[str] | None) -> list[tuple[str, str]]:
@@ -96,7 +98,7 @@ def to_dot(edges: Iterable[Edge], *, skip_labels: bool = False, full_output: boo
                 continue
             seen.add((source, target, is_ask))
         else:
-            text = f"{label}\\n{rule}" if full_output and rule else label
+            text = f"{label}\n{rule}" if full_output and rule else label
             attrs.append(f"label={_quote(text)}")
         if is_ask:
             attrs.append("style=dashed")
