@@ -54,6 +54,8 @@ DAEMON_SOCKET_DIR = Path("/var/run/qubes")
 POWER_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
 USER_UID = 1000
+#: Written by a VM's supervisor while its agent runs (the healthcheck reads it).
+AGENT_PID_FILE = Path("/run/qubes-sim/agent.pid")
 
 
 def ensure_user(name: str, uid: int = USER_UID) -> None:
@@ -133,12 +135,14 @@ class VmSupervisor:
             self.agent, _ = processes.spawn(
                 "agent", self.name, argv, dict(os.environ), LOG_DIR / "qrexec-agent.log"
             )
+            AGENT_PID_FILE.write_text(f"{self.agent.pid} {self.agent.start_ticks}\n")
             log.info("agent started (pid %d)", self.agent.pid)
 
     def stop(self) -> None:
         with self.lock:
             if self.agent is not None:
                 processes.stop([self.agent])
+                AGENT_PID_FILE.unlink(missing_ok=True)
                 log.info("agent stopped")
                 self.agent = None
             if self.slot:
@@ -395,7 +399,11 @@ def healthy(topology: Topology, role: str) -> bool:
         return False
     slot = role in dict(slot_names(topology))
     if not slot and topology.domain(role).running:
-        return Path("/var/run/qubes/qrexec-agent").exists()
+        try:
+            pid, ticks = (int(x) for x in AGENT_PID_FILE.read_text().split())
+        except (OSError, ValueError):
+            return False
+        return processes.start_ticks(pid) == ticks
     return True
 
 

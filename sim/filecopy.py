@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             files, total = receive(source, home, sys.stdin.buffer, sys.stdout.buffer)
             print(f"qubes.Filecopy: received {files} file(s), {total} byte(s) from {source}",
                   file=sys.stderr)  # fmt: skip
-    except CopyError as exc:
+    except (CopyError, OSError) as exc:
         print(f"qubes.Filecopy: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -142,6 +143,24 @@ class AdminApi:
             log.info("killing %s", name)
             self.testbed.stop_domain(name)
         return b""
+
+
+def call_admin(
+    socket_path: str, method: str, dest: str, payload: bytes = b"", timeout: float = 120.0
+) -> tuple[bool, bytes]:
+    """Make one admin call as qrexec-daemon does (spec §14): (success, answer)."""
+    kind = "keyword" if dest.startswith("@") else "name"
+    request = f"{method} dom0 {kind} {dest.removeprefix('@')}".encode() + b"\0" + payload
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    code, _, rest = answer.partition(b"\0")
+    return code == b"0", rest
 
 
 class _Handler(socketserver.StreamRequestHandler):
