@@ -143,6 +143,8 @@ def decide(
     if isinstance(checked, str):
         return Resolution.deny(request, checked)
     source, target = checked
+    if target == source.name:
+        return Resolution.deny(request, f"loopback call refused ({source.name} calling itself)")
     rule = find_matching_rule(rules, request, source, target, info)
     if rule is None:
         return Resolution.deny(request, no_match(request, source, target))

@@ -34,7 +34,7 @@ SOURCE_MATCHES = [
 @pytest.mark.parametrize(("token", "expected"), SOURCE_MATCHES)
 def test_source_column_matches(token: str, expected: set[str]) -> None:
     policy = policy_from_text(f"test.Svc * {token} @anyvm allow target=default-dvm\n")
-    matched = {s for s in SOURCES if evaluate(policy, s, "vm2").action is Action.ALLOW}
+    matched = {s for s in SOURCES if evaluate(policy, s, "other-dvm").action is Action.ALLOW}
     assert matched == expected
 
 
@@ -42,7 +42,6 @@ def test_source_column_matches(token: str, expected: set[str]) -> None:
 TARGETS = [
     "dom0",
     "@adminvm",
-    "vm1",
     "vm2",
     f"uuid:{VM2_UUID}",
     "tmpl",
@@ -66,7 +65,7 @@ TARGET_MATCHES = [
     ("@dispvm:other-dvm", {"@dispvm:other-dvm"}),
     ("@dispvm:@tag:dvm-tag", {"@dispvm", "@dispvm:default-dvm"}),
     ("@tag:tag2", {"vm2", f"uuid:{VM2_UUID}"}),
-    ("@tag:tag1", {"vm1", "tmpl"}),
+    ("@tag:tag1", {"tmpl"}),
     ("@type:TemplateVM", {"tmpl"}),
     ("@type:AdminVM", {"dom0", "@adminvm"}),
 ]
@@ -192,6 +191,14 @@ def test_allow_carries_rule_options_and_reason() -> None:
     assert res.rule is not None and res.rule.lineno == 2
     assert res.rule.text == "* * vm1 vm2 allow user=root notify=yes autostart=yes"
     assert res.reason.startswith("allowed by /etc/qubes/policy.d/30-test.policy:2")
+
+
+def test_loopback_refused_before_any_rule() -> None:
+    for rule in ("* * vm1 vm1 allow", "* * vm1 @anyvm allow target=vm2", "* * vm1 vm1 ask"):
+        res = evaluate(rule + "\n", "vm1", "vm1")
+        assert res.action is Action.DENY and res.rule is None and "loopback" in res.reason
+    res = evaluate("* * vm1 vm1 allow\n", "vm1", f"uuid:{VM1_UUID}")
+    assert res.action is Action.DENY and "loopback" in res.reason
 
 
 def test_refusal_reasons_name_the_cause() -> None:
