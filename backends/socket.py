@@ -40,7 +40,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -63,7 +63,8 @@ LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 #: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
 MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
-#: ``sun_path`` holds 108 bytes including the terminating NUL.
+#: ``sun_path`` holds 108 bytes including the terminating NUL; longer paths are reached
+#: through /proc/self/fd (see ``_addressable``).
 MAX_SOCKET_PATH = 107
 
 #: Client retry back-off: start short (a server usually appears within milliseconds), double,
@@ -217,22 +218,44 @@ class SocketStream:
         self._guard.close()
 
 
+@contextlib.contextmanager
+def _addressable(path: Path) -> Iterator[str]:
+    """An AF_UNIX address for ``path``, even when it is longer than ``sun_path`` allows.
+
+    Long paths (deep test directories, say) go through ``/proc/self/fd/<dir fd>/<name>``,
+    which the kernel resolves to the same directory; the file name itself stays short.
+    """
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        yield os.fspath(path)
+        return
+    try:
+        directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise  # no directory yet: a connecting client keeps waiting
+    except OSError as exc:
+        raise TransportUnavailable(
+            f"cannot open vchan socket directory {path.parent}: {exc}"
+        ) from exc
+    try:
+        address = f"/proc/self/fd/{directory}/{path.name}"
+        if len(os.fsencode(address)) > MAX_SOCKET_PATH:
+            raise TransportUnavailable(f"vchan socket name too long for AF_UNIX: {path.name}")
+        yield address
+    finally:
+        os.close(directory)
+
+
 class BoundSocket:
     """A listening socket bound at a vchan path, shared by both faces' listeners."""
 
     def __init__(self, path: Path) -> None:
-        encoded = os.fsencode(path)
-        if len(encoded) > MAX_SOCKET_PATH:
-            raise TransportUnavailable(
-                f"vchan socket path is {len(encoded)} bytes, over the {MAX_SOCKET_PATH}-byte "
-                f"limit of AF_UNIX: {path} (choose a shorter {SOCKET_DIR_ENV})"
-            )
         path.parent.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            sock.bind(os.fspath(path))
+            with _addressable(path) as address:
+                sock.bind(address)
             info = path.stat()
             sock.listen(1)
         except BaseException:
@@ -311,7 +334,8 @@ def connect_once(path: Path) -> socket.socket | None:
     sock.setblocking(False)
     try:
         # AF_UNIX connects complete at once: success, or an error (EAGAIN if backlog is full).
-        sock.connect(os.fspath(path))
+        with _addressable(path) as address:
+            sock.connect(address)
     except OSError as exc:
         sock.close()
         if exc.errno in RETRY_ERRNOS:

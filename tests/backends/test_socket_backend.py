@@ -7,14 +7,11 @@ Behaviour common to all backends is in tests/conformance.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +24,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def vdir() -> Iterator[Path]:
-    """A private socket directory with a short path (AF_UNIX limit)."""
-    path = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def vdir(tmp_path: Path) -> Path:
+    """This test's private socket directory (long paths are fine, see _addressable)."""
+    return tmp_path
 
 
 def test_flat_names_match_libvchan_socket(vdir: Path) -> None:
@@ -85,17 +78,30 @@ def test_bad_ports_and_domains_are_refused(vdir: Path) -> None:
             backend.listen(remote, port)
 
 
-def test_overlong_socket_path_is_a_clear_error(vdir: Path) -> None:
-    deep = vdir / ("d" * 100)
-    with pytest.raises(TransportUnavailable, match="107-byte"):
-        SocketBackend(1, deep).listen(2, 513)
+@pytest.mark.parametrize("layout", ["flat", "isolated"])
+def test_socket_directories_longer_than_sun_path_work(vdir: Path, layout: str) -> None:
+    deep = vdir / ("d" * 100) / ("e" * 100)
+    a = SocketBackend(1, deep, layout)  # type: ignore[arg-type]
+    b = SocketBackend(2, deep, layout)  # type: ignore[arg-type]
+    connecting = threading.Thread(target=lambda: got.append(b.connect(1, 513, timeout=30)))
+    got: list[object] = []
+    connecting.start()  # before the directory even exists
+    listener = a.listen(2, 513)
+    assert listener.path.exists() and len(bytes(listener.path)) > 200
+    server = listener.accept(timeout=30)
+    connecting.join(30)
+    server.send(b"deep")
+    assert got[0].recv(4) == b"deep"  # type: ignore[attr-defined]
+    assert not listener.path.exists()
 
 
 def test_raw_bytes_without_framing_for_a_c_peer(vdir: Path) -> None:
     """A libvchan-socket peer just connects to the file and exchanges the bytes as sent."""
     listener = SocketBackend(0, vdir).listen(9, 512)
     c_peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    c_peer.connect(str(vdir / "vchan.0.9.512.sock"))
+    directory = os.open(vdir, os.O_PATH)
+    c_peer.connect(f"/proc/self/fd/{directory}/vchan.0.9.512.sock")  # short address form
+    os.close(directory)
     stream = listener.accept(timeout=10)
     stream.send(b"\x00\x01\x02")
     assert c_peer.recv(10) == b"\x00\x01\x02"
@@ -131,9 +137,14 @@ def test_listener_never_unlinks_a_newer_server(vdir: Path) -> None:
 
 def test_client_retries_past_a_stale_socket_file(vdir: Path) -> None:
     a, b = SocketBackend(1, vdir), SocketBackend(2, vdir)
+    stale_path = a.server_path(2, 513)
+    directory = os.open(stale_path.parent, os.O_PATH)
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(a.server_path(2, 513)))  # a dead server's leftover: ECONNREFUSED
+    # A dead server's leftover (connecting to it gives ECONNREFUSED).
+    stale.bind(f"/proc/self/fd/{directory}/{stale_path.name}")
     stale.close()
+    os.close(directory)
+    assert stale_path.exists()
     connecting = threading.Thread(target=lambda: results.append(b.connect(1, 513, timeout=30)))
     results: list[object] = []
     connecting.start()

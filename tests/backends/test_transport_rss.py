@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +22,9 @@ PORT = 600
 
 
 @pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def socket_dir(tmp_path: Path) -> Path:
+    """This test's private socket directory (long paths are fine, see _addressable)."""
+    return tmp_path
 
 
 def _spawn(socket_dir: Path, domain: int, args: list[str]) -> subprocess.Popen[str]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,19 +9,9 @@ import pytest
 from conformance_support import FACES, PAIR_FACTORIES, BackendPair, Face
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A private directory with a short path (AF_UNIX paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="vc", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(params=sorted(PAIR_FACTORIES))
-def pair(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[BackendPair]:
-    with PAIR_FACTORIES[request.param](short_dir) as backend_pair:
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendPair]:
+    with PAIR_FACTORIES[request.param](tmp_path) as backend_pair:
         yield backend_pair
 
 
