@@ -1,10 +1,11 @@
 """Client of the policy agent (policy.Ask / policy.Notify socket services in a GuiVM).
 
-Where the call goes depends on the GuiVM of the calling qube (spec §6.4): when it is dom0
-the service socket is on this host and is called directly (``--policy-agent-socket``,
-default ``/etc/qubes-rpc/policy.Ask``'s directory convention: one socket serving both
-services, ``/var/run/qubes/policy-agent.sock``); for any other GuiVM the call goes through
-``qrexec-client -d GUIVM DEFAULT:QUBESRPC SERVICE dom0``. Neither path decides anything:
+Where the call goes depends on the GuiVM of the calling qube (spec §6.4). When it is dom0
+the agent's socket is on this host (``--policy-agent-socket``, default
+``/var/run/qubes/policy-agent.sock``, the socket that dom0's ``/etc/qubes-rpc/policy.Ask`` and
+``policy.Notify`` point to) and is called directly, with the dom0 form of the service
+descriptor. For any other GuiVM the call goes through ``qrexec-client -d GUIVM
+DEFAULT:QUBESRPC SERVICE dom0``. Neither path decides anything:
 answers are validated by :func:`qrexec.policy.ask.parse_ask_answer`.
 """
 
