@@ -223,3 +223,20 @@ def test_json_file_source_rereads_on_change(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(SystemInfoError, match="cannot read"):
         source.get_system_info()
+
+
+def test_2011_only_system_switches_to_policy_d_when_it_appears(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "test.Add").write_text("anyvm anyvm ask\n")
+    loader = FilesystemPolicyLoader(_paths(tmp_path))
+    req = Request("test.Add", "+", "vm1", "vm2")
+    assert loader.policy.evaluate(req, system()).action is Action.ASK
+    assert str(old / "test.Add") in loader.policy.sources
+    (tmp_path / "etc").mkdir()  # from now on 2011 files count only through !compat-2011
+    assert loader.reload_if_changed()
+    res = loader.policy.evaluate(req, system())
+    assert res.action is Action.DENY and "30-user.policy" in res.reason
+    (tmp_path / "etc" / "35-compat.policy").write_text("!compat-2011\n")
+    assert loader.reload_if_changed()
+    assert loader.policy.evaluate(req, system()).action is Action.ASK
