@@ -129,7 +129,8 @@ class Decider:
         except (QrexecError, OSError) as exc:
             return _denied(resolution, f"could not ask {guivm}: {exc}")
         if chosen is None:
-            return _denied(resolution, f"user in {guivm} said no")
+            # The user made this decision just now: no need to notify them of it.
+            return _denied(resolution, f"user in {guivm} said no", notify=False)
         return resolve_ask(resolution, chosen, info)
 
     def _audit(self, query: PolicyQuery, outcome: Outcome, channel: str) -> None:
@@ -185,8 +186,10 @@ class Decider:
             await asyncio.gather(*self._notifications, return_exceptions=True)
 
 
-def _denied(resolution: Resolution, why: str) -> Resolution:
-    return Resolution.deny(resolution.request, f"{resolution.reason}: {why}", rule=resolution.rule)
+def _denied(resolution: Resolution, why: str, *, notify: bool = True) -> Resolution:
+    return Resolution.deny(
+        resolution.request, f"{resolution.reason}: {why}", rule=resolution.rule, notify=notify
+    )
 
 
 def _relay_refusal(query: PolicyQuery, info: SystemInfo) -> str | None:
