@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qrexec.sim import processes, roots
@@ -155,6 +155,10 @@ class RunningTestbed:
         return CallResult(done.returncode, done.stdout, done.stderr)
 
     # Looking ------------------------------------------------------------------------------
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        """Wait for something the testbed does after a call returns (a disposable's removal)."""
+        processes.wait_for(predicate, timeout, what=what)
+
     def status(self) -> list[ProcessStatus]:
         return self.testbed.status()
 
