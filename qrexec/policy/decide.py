@@ -67,8 +67,8 @@ class Decider:
             outcome = Outcome(DENY, "error", None, f"internal error: {exc!r}")
             request, info = None, None
         self._audit(query, outcome, channel)
-        if not query.just_evaluate and request is not None and info is not None:
-            self._maybe_notify(outcome, request, info)
+        if not query.just_evaluate:
+            self._maybe_notify(outcome, query, request, info)
         return outcome
 
     async def _decide(
@@ -154,21 +154,30 @@ class Decider:
             )
         )
 
-    def _maybe_notify(self, outcome: Outcome, request: Request, info: SystemInfo) -> None:
+    def _maybe_notify(
+        self,
+        outcome: Outcome,
+        query: PolicyQuery,
+        request: Request | None,
+        info: SystemInfo | None,
+    ) -> None:
+        """§6.4: deny unless notify=no, allow only with notify=yes, and failures always
+        (as ``fail``, to the source's GuiVM if known, else dom0)."""
         res = outcome.resolution
         kind: NotifyResolution
         if outcome.result == "error":
-            kind, target, wanted = "fail", request.target, True
-        elif res is None:
-            return
+            kind, wanted = "fail", True
+            target = query.intended_target or "@default"
+        elif res is None or request is None:
+            return  # refused before evaluation (relay check): nothing the user asked for
         elif outcome.response.allowed:
             kind, target, wanted = "allow", res.target or request.target, res.notify
         else:
             kind, target, wanted = "deny", request.target, res.notify
         if not wanted:
             return
-        guivm = info.guivm_for(request.source) or "dom0"
-        note = Notification(kind, request.service, request.argument, request.source, target)
+        guivm = (info.guivm_for(query.source) if info is not None else None) or "dom0"
+        note = Notification(kind, query.service, query.argument, query.source, target)
         task = asyncio.get_running_loop().create_task(self._notify(note, guivm))
         self._notifications.add(task)
         task.add_done_callback(self._notifications.discard)
