@@ -1,0 +1,242 @@
+"""VM-initiated calls end to end over the socket backend (spec §4(ii)-(v), §6.1, §8).
+
+Real agents, daemons, ``qrexec-policy-daemon`` and ``qrexec-client-vm`` processes; policy
+in modern files in the test's dom0 root; decisions checked in the audit log.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.vmcall_support import SERVICE_ECHO_ENV, VmCallSystem, vm_uuid, vmcalls
+
+pytestmark = pytest.mark.timeout(180)
+__all__ = ["vmcalls"]
+
+MARKER_SERVICE = """#!/bin/sh
+touch "$0.ran"
+echo ran
+"""
+
+
+def two_vms(vmcalls: VmCallSystem, policy: str) -> None:
+    vmcalls.write_policy(policy)
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm1", 1)
+    vmcalls.start_vm("vm2", 2)
+
+
+def test_vm_to_vm_with_argument(vmcalls: VmCallSystem) -> None:
+    two_vms(vmcalls, "test.Env * vm1 vm2 allow\n")
+    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
+    result = vmcalls.call("vm1", "vm2", "test.Env+hello", input=b"some input\n")
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[:5] == [
+        "arg=hello",
+        "remote=vm1",
+        "full=test.Env+hello",
+        f"user={getpass.getuser()}",
+        "type=",
+    ]
+    assert lines[-1] == "some input"
+    assert result.stderr == b"to-stderr\n"
+    (decision,) = vmcalls.audit()
+    assert (decision["result"], decision["argument"], decision["target"]) == (
+        "allow",
+        "+hello",
+        "vm2",
+    )
+
+
+def test_vm_to_vm_without_argument_and_prefix_data(vmcalls: VmCallSystem) -> None:
+    two_vms(vmcalls, "test.Env * vm1 @default allow target=vm2\n")
+    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
+    # '$default' is '@default' for old shells; the policy redirects it to vm2.
+    result = vmcalls.call("vm1", "--prefix-data=first ", "$default", "test.Env", input=b"then")
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "arg="
+    assert lines[2] == "full=test.Env+"
+    assert lines[-1] == "first then"
+
+
+@pytest.mark.parametrize(
+    ("requested", "target_type", "target", "keyword"),
+    [("@adminvm", "keyword", "unset", "adminvm"), ("dom0", "name", "dom0", "unset")],
+)
+def test_vm_to_dom0(
+    vmcalls: VmCallSystem, requested: str, target_type: str, target: str, keyword: str
+) -> None:
+    vmcalls.write_dom0_service("test.Env", SERVICE_ECHO_ENV)
+    vmcalls.write_policy("test.Env * vm1 @adminvm allow\n")
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm1", 1)
+    result = vmcalls.call("vm1", requested, "test.Env+x", input=b"to dom0\n")
+    assert result.returncode == 3, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[:4] == ["arg=x", "remote=vm1", "full=test.Env+x", f"user={getpass.getuser()}"]
+    assert lines[4:7] == [f"type={target_type}", f"target={target}", f"keyword={keyword}"]
+    assert lines[-1] == "to dom0"
+    # dom0 services' stderr is not forwarded: it lands in the daemon's log.
+    assert b"to-stderr" not in result.stderr
+    assert "to-stderr" in vmcalls.system.log_text("daemon", "vm1")
+    (decision,) = vmcalls.audit()
+    assert decision["target"] == "dom0"
+
+
+def test_vm_to_dom0_missing_service(vmcalls: VmCallSystem) -> None:
+    vmcalls.write_policy("* * vm1 @adminvm allow\n")
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm1", 1)
+    result = vmcalls.call("vm1", "@adminvm", "test.Missing")
+    assert result.returncode == 127
+
+
+def test_denied_call_runs_nothing(vmcalls: VmCallSystem) -> None:
+    two_vms(vmcalls, "test.Marker * vm1 vm2 deny\n")
+    service = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert result.returncode == 126
+    assert result.stderr.decode().strip().endswith("Request refused")
+    assert not Path(f"{service}.ran").exists()
+    # No rule at all is a deny too.
+    result = vmcalls.call("vm1", "vm2", "test.Other")
+    assert result.returncode == 126
+    assert [d["result"] for d in vmcalls.audit()] == ["deny", "deny"]
+    # The same daemon still serves an allowed call.
+    vmcalls.write_policy("test.Marker * vm1 vm2 allow\n", name="20-allow.policy")
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert (result.returncode, result.stdout) == (0, b"ran\n")
+
+
+def test_target_redirect(vmcalls: VmCallSystem) -> None:
+    two_vms(vmcalls, "test.Marker * vm1 vm2 allow target=vm3\n")
+    vmcalls.start_vm("vm3", 3)
+    in_vm2 = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
+    in_vm3 = vmcalls.vms["vm3"].write_service("test.Marker", MARKER_SERVICE)
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
+    assert Path(f"{in_vm3}.ran").exists()
+    assert not Path(f"{in_vm2}.ran").exists()
+    (decision,) = vmcalls.audit()
+    assert (decision["requested_target"], decision["target"]) == ("vm2", "vm3")
+
+
+def test_user_redirect(vmcalls: VmCallSystem) -> None:
+    """``user=`` from the policy reaches the target agent.
+
+    vm2's daemon has a default user that does not exist, so a call without ``user=``
+    cannot run there (the agent refuses it: 125); ``user=<our user>`` runs as us. In test
+    mode (non-root agent) any other user is refused the same way, as upstream's.
+    """
+    me = getpass.getuser()
+    vmcalls.write_policy(f"test.Env +as-me vm1 vm2 allow user={me}\ntest.Env * vm1 vm2 allow\n")
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm1", 1)
+    system = vmcalls.system
+    vmcalls.vms["vm2"] = system.domain("vm2", 2)
+    vmcalls.write_system_info({"vm1": 1, "vm2": 2})
+    system.start_agent("vm2", 2, {"QREXEC_AGENT_SOCKET": str(vmcalls.agent_socket("vm2"))})
+    system.start_daemon(
+        "vm2", 2, vmcalls.dom0_env(), args=["-u", vm_uuid(2)], default_user="no-such-user-qrx"
+    )
+    system.wait_connected(system.domains["vm2"])
+    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
+    allowed = vmcalls.call("vm1", "vm2", "test.Env+as-me")
+    assert allowed.returncode == 3, allowed.stderr
+    assert f"user={me}" in allowed.stdout.decode().splitlines()
+    default = vmcalls.call("vm1", "vm2", "test.Env+other")
+    assert default.returncode == 125
+    assert default.stdout == b""
+    users = [d["user"] for d in vmcalls.audit()]
+    assert users[0] == me
+
+
+@pytest.mark.parametrize("cap", ["3", "2"])
+def test_capped_daemon_with_v4_client(vmcalls: VmCallSystem, cap: str) -> None:
+    """A v4 qrexec-client-vm behind a daemon capped at v3 or v2: the agent down-converts."""
+    capped = {"QREXEC_PROTOCOL_VERSION": cap}
+    vmcalls.write_policy("* * vm1 vm2 allow\n")
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm1", 1, daemon_env=capped)
+    vmcalls.start_vm("vm2", 2, daemon_env=capped)
+    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
+    result = vmcalls.call("vm1", "vm2", "test.Env+arg", input=b"x" * 200_000)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.decode().splitlines()[0] == "arg=arg"
+    assert result.stdout.count(b"x") == 200_000
+    log = vmcalls.system.log_text("agent", "vm1")
+    assert f"protocol version {cap}" in log
+    # v2's fixed fields hold 63 bytes of service name; v3 carries any length.
+    long_arg = "a" * 80
+    result = vmcalls.call("vm1", "vm2", f"test.Env+{long_arg}")
+    if cap == "2":
+        assert result.returncode == 126
+        assert len(vmcalls.audit()) == 1  # refused by the agent: dom0 was never asked
+    else:
+        assert result.returncode == 3
+        assert result.stdout.decode().splitlines()[0] == f"arg={long_arg}"
+
+
+def test_policy_program_fallback(vmcalls: VmCallSystem) -> None:
+    """No policy daemon socket: the daemon runs qrexec-policy-exec instead."""
+    vmcalls.write_policy("test.Env * vm1 vm2 allow\n")
+    missing = {"QREXEC_POLICY_SOCKET": str(vmcalls.base / "no-policy.sock")}
+    vmcalls.start_vm("vm1", 1, daemon_env=missing)
+    vmcalls.start_vm("vm2", 2, daemon_env=missing)
+    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
+    result = vmcalls.call("vm1", "vm2", "test.Env+fb")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.decode().splitlines()[0] == "arg=fb"
+    denied = vmcalls.call("vm1", "vm2", "test.Other")
+    assert denied.returncode == 126
+    assert [d["channel"] for d in vmcalls.audit()] == ["exec", "exec"]
+
+
+def test_client_gone_before_answer(vmcalls: VmCallSystem) -> None:
+    """The caller disappears while the policy is still deciding; nothing gets stuck.
+
+    The policy program (fallback) takes two seconds; the client is killed before. The
+    late allow reaches the agent, which finds the client gone and ends the call at once.
+    """
+    slow = vmcalls.base / "slow-policy"
+    slow.write_text(
+        "#!/bin/sh\nsleep 2\n"
+        "printf 'result=allow\\nuser=DEFAULT\\ntarget=vm2\\n"
+        "autostart=False\\nrequested_target=vm2\\n'\n"
+    )
+    slow.chmod(0o755)
+    missing = {"QREXEC_POLICY_SOCKET": str(vmcalls.base / "no-policy.sock")}
+    vmcalls.start_vm("vm1", 1, daemon_env=missing, daemon_args=["-p", str(slow)])
+    vmcalls.start_vm("vm2", 2, daemon_env=missing, daemon_args=["-p", str(slow)])
+    marker = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
+    client = vmcalls.popen_call("vm1", "vm2", "test.Marker")
+    time.sleep(0.5)
+    client.kill()
+    client.wait()
+    # The next call (also through the slow policy) works normally.
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
+    assert Path(f"{marker}.ran").exists()
+    agent_log = vmcalls.system.log_text("agent", "vm1")
+    daemon_log = vmcalls.system.log_text("daemon", "vm1")
+    assert "Traceback" not in agent_log + daemon_log
+
+
+def test_usage_and_agent_errors(vmcalls: VmCallSystem) -> None:
+    vmcalls.start_vm("vm1", 1)
+    assert vmcalls.call("vm1", "vm2").returncode == 2
+    assert vmcalls.call("vm1", "--bogus-option", "vm2", "svc").returncode == 2
+    assert vmcalls.call("vm1", "x" * 64, "svc").returncode == 2
+    assert vmcalls.call("vm1", "vm2", "+arg").returncode == 2
+    help_run = vmcalls.call("vm1", "-h")
+    assert help_run.returncode == 0 and b"usage" in help_run.stdout
+    no_agent = vmcalls.call("vm1", "-a", str(vmcalls.base / "nothing"), "vm2", "svc")
+    assert no_agent.returncode == 125
+    assert os.fsencode(str(vmcalls.base / "nothing")) in no_agent.stderr
