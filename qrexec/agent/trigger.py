@@ -133,6 +133,8 @@ class TriggerSocket:
         if parent:
             os.makedirs(parent, exist_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, sock=bind_unix(self.path))
+        # As upstream: any user of the VM may run qrexec-client-vm.
+        os.chmod(self.path, 0o666)
         self.agent.register_handler(MsgType.SERVICE_CONNECT, self._on_service_connect)
         self.agent.register_handler(MsgType.SERVICE_REFUSED, self._on_service_refused)
         self.agent.on_disconnect.append(self._refuse_all)
