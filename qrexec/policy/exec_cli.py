@@ -48,7 +48,11 @@ def build_parser(prog: str = "qrexec-policy-exec") -> argparse.ArgumentParser:
         help="only evaluate: nobody is asked ('ask' counts as allow), nothing is notified",
     )
     p.add_argument(
-        "--path", dest="policy_path", action="append", metavar="DIR", help=argparse.SUPPRESS
+        "--path",
+        dest="policy_path",
+        action="append",
+        metavar="DIR",
+        help="policy.d directory, upstream's name for --policy-path (repeatable)",
     )
     add_decider_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")

@@ -85,8 +85,16 @@ class PolicyAgent:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qrexec-policy-agent", description=__doc__.split("\n")[0])
-    p.add_argument("-s", "--socket-path", default=DEFAULT_AGENT_SOCKET)
+    p = argparse.ArgumentParser(
+        prog="qrexec-policy-agent",
+        description="A non-GUI policy.Ask / policy.Notify socket service (policy agent).",
+    )
+    p.add_argument(
+        "-s",
+        "--socket-path",
+        default=DEFAULT_AGENT_SOCKET,
+        help=f"socket serving both services (default {DEFAULT_AGENT_SOCKET})",
+    )
     p.add_argument(
         "--answer",
         default="deny",
