@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -205,3 +206,21 @@ def test_queued_prompter_sees_the_spec_prompt(tree: PolicyTree) -> None:
             "vault": "appvm-black",
         },
     }
+
+
+def test_client_leaving_during_an_ask(tree: PolicyTree) -> None:
+    """qrexec-daemon gives up (its caller went away) while the user is being asked: the
+    decision is still made and audited once, and the daemon carries on."""
+
+    tree.answers.write_text("test.Ask +slow * silent\n* * * allow\n")
+    with running_daemon(tree, "--ask-timeout", "0.5"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(tree.socket))
+            s.sendall(query("work", "vault", "test.Ask+slow"))
+        answer = raw_call(tree.socket, query("work", "vault", "test.Ask"))
+        assert answer.startswith(b"result=allow\n")
+        for _ in range(200):  # the abandoned ask ends by its timeout
+            if len(tree.audit_records()) == 2:
+                break
+            time.sleep(0.05)
+    assert sorted(r["argument"] for r in tree.audit_records()) == ["+", "+slow"]
