@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from peer import pattern_blocks
 
 from qrexec.backends.base import AsyncListener, AsyncStream, Backend
 from qrexec.backends.memory import MemoryHub
@@ -36,6 +40,8 @@ T = TypeVar("T")
 
 DOMAIN_A = 1
 DOMAIN_B = 2
+#: How long one step may hang before a test fails instead of hanging.
+STEP_TIMEOUT = 60.0
 
 
 @dataclass
@@ -273,3 +279,40 @@ def recv_until_eof(stream: Stream, chunk: int = 65536) -> bytes:
     while data := stream.recv(chunk):
         parts += data
     return bytes(parts)
+
+
+def pattern_sha256(total: int, seed: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in pattern_blocks(total, seed):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def send_pattern(stream: Stream, total: int, seed: int, chunk: int = 1 << 20) -> None:
+    for block in pattern_blocks(total, seed):
+        for offset in range(0, len(block), chunk):
+            stream.send(block[offset : offset + chunk])
+
+
+def hash_exactly(stream: Stream, total: int) -> str:
+    digest = hashlib.sha256()
+    received = 0
+    while received < total:
+        data = stream.recv(min(65536, total - received))
+        assert data, f"end of stream after {received} of {total} bytes"
+        digest.update(data)
+        received += len(data)
+    return digest.hexdigest()
+
+
+def wait_until_stalled(progress: Callable[[], int]) -> int:
+    """Wait until a counter stops moving (the sender is blocked); return its value."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    last = progress()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = progress()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"sender never blocked; it got {last} bytes accepted by a non-reader")

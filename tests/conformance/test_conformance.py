@@ -8,7 +8,6 @@ long a step may hang before the test fails instead of hanging.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -21,10 +20,14 @@ from conformance_support import (
     BackendPair,
     Face,
     Stream,
+    hash_exactly,
     in_thread,
     pattern,
+    pattern_sha256,
     recv_exactly,
     recv_until_eof,
+    send_pattern,
+    wait_until_stalled,
 )
 from peer import pattern_blocks
 
@@ -44,43 +47,6 @@ def connected(pair: BackendPair, face: Face, port: int = PORT) -> tuple[Stream, 
     client = in_thread(lambda: face.connect(pair.b, pair.a.own_domain, port, timeout=WAIT))
     server_end = listener.accept(timeout=WAIT)
     return server_end, client.result(WAIT)
-
-
-def pattern_sha256(total: int, seed: int) -> str:
-    digest = hashlib.sha256()
-    for chunk in pattern_blocks(total, seed):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def send_pattern(stream: Stream, total: int, seed: int, chunk: int = 1 << 20) -> None:
-    for block in pattern_blocks(total, seed):
-        for offset in range(0, len(block), chunk):
-            stream.send(block[offset : offset + chunk])
-
-
-def hash_exactly(stream: Stream, total: int) -> str:
-    digest = hashlib.sha256()
-    received = 0
-    while received < total:
-        data = stream.recv(min(65536, total - received))
-        assert data, f"end of stream after {received} of {total} bytes"
-        digest.update(data)
-        received += len(data)
-    return digest.hexdigest()
-
-
-def wait_until_stalled(progress: Callable[[], int]) -> int:
-    """Wait until a counter stops moving (the sender is blocked); return its value."""
-    deadline = time.monotonic() + WAIT
-    last = progress()
-    while time.monotonic() < deadline:
-        time.sleep(0.3)
-        now = progress()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"sender never blocked; it got {last} bytes accepted by a non-reader")
 
 
 def test_streams_know_their_peer_and_port(pair: BackendPair, face: Face) -> None:
