@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-PEER_SCRIPT = Path(__file__).parents[1] / "conformance" / "peer.py"
+PEER_SCRIPT = Path(__file__).parents[1] / "conformance" / "transport_peer.py"
 GIB = 1 << 30
 RSS_LIMIT_KIB = 100 * 1000  # 100 MB
 PORT = 600

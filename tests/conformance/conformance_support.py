@@ -8,7 +8,7 @@ tree, name it in ``QREXEC_CONFORMANCE_PAIRS=module:function[,module:function...]
 function takes the test's private directory and returns a context manager yielding a
 :class:`BackendPair`). A pair whose two domains cannot live in one process may still run
 the process-based tests by giving ``peer_env`` (the environment under which
-``tests/conformance/peer.py`` acts as domain ``b`` through ``load_backend``).
+``tests/conformance/transport_peer.py`` acts as domain ``b`` through ``load_backend``).
 
 The asyncio face is driven from plain test threads: :class:`AsyncioFace` runs an event loop
 in a thread of its own and every call is a coroutine scheduled on it, so one test body
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from peer import pattern_blocks
+from transport_peer import pattern_blocks
 
 from qrexec.backends.base import AsyncListener, AsyncStream, Backend
 from qrexec.backends.memory import MemoryHub
@@ -50,7 +50,7 @@ class BackendPair:
 
     a: Backend
     b: Backend
-    #: Environment making ``peer.py`` act as domain ``b`` (None: in-process only).
+    #: Environment making ``transport_peer.py`` act as domain ``b`` (None: in-process only).
     peer_env: dict[str, str] | None = None
     #: Simulates the death of domain ``b`` in-process (None: only real process death).
     kill_b: Callable[[], None] | None = None

@@ -41,13 +41,13 @@ from conformance_support import (
     send_pattern,
     wait_until_stalled,
 )
-from peer import pattern_blocks
+from transport_peer import pattern_blocks
 
 from qrexec.backends.base import Backend
 from qrexec.backends.select import load_backend
 from qrexec.errors import TransportBroken, TransportClosed
 
-PEER_SCRIPT = Path(__file__).with_name("peer.py")
+PEER_SCRIPT = Path(__file__).with_name("transport_peer.py")
 #: Lets the other side reach its blocking call before we act (never asserted on).
 SETTLE = 0.5
 

@@ -29,14 +29,14 @@ from conformance_support import (
     send_pattern,
     wait_until_stalled,
 )
-from peer import pattern_blocks
+from transport_peer import pattern_blocks
 
 from qrexec.errors import TransportBroken, TransportClosed
 
 PORT = 513
 WAIT = 60.0
 SETTLE = 0.2
-PEER_SCRIPT = Path(__file__).with_name("peer.py")
+PEER_SCRIPT = Path(__file__).with_name("transport_peer.py")
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,7 +1,7 @@
 """A transport peer in a process of its own, for tests that need real processes.
 
-Run as ``python peer.py ACTION --role {listen,connect} --remote D --port P [options]``. The
-backend is chosen exactly as the programs choose it (``load_backend`` from the environment),
+Run as ``python transport_peer.py ACTION --role {listen,connect} --remote D --port P ...``.
+The backend is chosen exactly as the programs choose it (``load_backend`` from the environment),
 so the same script serves any backend, including one in another domain. Results are one
 JSON line on stdout; ``ready`` lines tell the test when the peer is connected.
 
