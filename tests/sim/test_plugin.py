@@ -94,3 +94,41 @@ def test_set_policy_and_ask_answers_write_dom0_files(qrexec_testbed: RunningTest
     assert legacy == qrexec_testbed.root("dom0") / "etc/qubes_rpc/policy/my.S"
     qrexec_testbed.set_ask_answers("my.S * * deny\n")
     assert (qrexec_testbed.run_dir / "ask-answers").read_text() == "my.S * * deny\n"
+
+
+def test_seed_howto_between_vms_with_ask_answered_by_the_scripted_prompter(
+    qrexec_testbed: RunningTestbed,
+) -> None:
+    result = qrexec_testbed.call(
+        "vm1", "vm2", "test.Add", program=["/usr/bin/our_test_add_client", "11", "22"]
+    )
+    assert (result.returncode, result.stderr) == (0, b"33\n")
+    assert result.stdout == b""
+    decision = qrexec_testbed.audit()[-1]
+    assert decision["result"] == "ask-allowed"
+    assert str(decision["rule"]).endswith("/etc/qubes_rpc/policy/test.Add:1")
+    # The prompter's answers can change while the testbed runs.
+    qrexec_testbed.set_ask_answers("test.Add * * deny\n")
+    refused = qrexec_testbed.call(
+        "vm1", "vm2", "test.Add", program=["/usr/bin/our_test_add_client", "1", "2"]
+    )
+    assert refused.returncode == 126
+    assert qrexec_testbed.audit()[-1]["result"] == "ask-denied"
+
+
+def test_author_sets_policy_for_a_new_service_vm_to_vm_and_vm_to_dom0(
+    qrexec_testbed: RunningTestbed,
+) -> None:
+    qrexec_testbed.install_service("vm3", "my.Rev", "#!/bin/sh\nrev\n")
+    qrexec_testbed.install_service("dom0", "my.Rev", "#!/bin/sh\nrev | tr a-z A-Z\n")
+    assert qrexec_testbed.call("vm1", "vm3", "my.Rev", b"abc\n").returncode == 126
+    qrexec_testbed.set_policy(
+        "my.Rev * vm1 vm3 allow\nmy.Rev * vm1 @adminvm allow\nmy.Rev * @anyvm @anyvm deny\n"
+    )
+    allowed = qrexec_testbed.call("vm1", "vm3", "my.Rev", b"abc\n")
+    assert (allowed.returncode, allowed.stdout) == (0, b"cba\n")
+    to_dom0 = qrexec_testbed.call("vm1", "dom0", "my.Rev", b"abc\n")
+    assert (to_dom0.returncode, to_dom0.stdout) == (0, b"CBA\n")
+    assert qrexec_testbed.call("vm2", "vm3", "my.Rev", b"abc\n").returncode == 126
+    results = [(r["source"], r["target"], r["result"]) for r in qrexec_testbed.audit()]
+    assert results[-3:] == [("vm1", "vm3", "allow"), ("vm1", "dom0", "allow"), ("vm2", None, "deny")]
