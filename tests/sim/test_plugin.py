@@ -131,4 +131,8 @@ def test_author_sets_policy_for_a_new_service_vm_to_vm_and_vm_to_dom0(
     assert (to_dom0.returncode, to_dom0.stdout) == (0, b"CBA\n")
     assert qrexec_testbed.call("vm2", "vm3", "my.Rev", b"abc\n").returncode == 126
     results = [(r["source"], r["target"], r["result"]) for r in qrexec_testbed.audit()]
-    assert results[-3:] == [("vm1", "vm3", "allow"), ("vm1", "dom0", "allow"), ("vm2", None, "deny")]
+    assert results[-3:] == [
+        ("vm1", "vm3", "allow"),
+        ("vm1", "dom0", "allow"),
+        ("vm2", None, "deny"),
+    ]
