@@ -279,6 +279,7 @@ class VchanBackend:
         token = f"qrexec-vchan-{os.getpid()}-{threading.get_ident()}"
         with XenStore(self._libs) as xs:
             xs.watch(path, token)
+            log.debug("vchan client: waiting for %s", path)
             try:
                 fd = xs.watch_fd()
                 while not xs.read(f"{path}/event-channel"):

@@ -218,6 +218,7 @@ class AsyncVchanListener:
                 event.set()
 
         loop.add_reader(ring.fd, on_event)
+        log.debug("vchan server port %d: waiting for domain %d", ring.port, ring.remote_domain)
         try:
             while ring.is_open() != CONNECTED:
                 if ring.is_open() == DISCONNECTED or not ring.peer_alive(liveness):
@@ -230,6 +231,7 @@ class AsyncVchanListener:
         finally:
             loop.remove_reader(ring.fd)
             liveness.close()
+        log.debug("vchan server port %d: domain %d connected", ring.port, ring.remote_domain)
         ring.on_connected()
         self._ring = None
         return AsyncVchanStream(ring)
@@ -256,6 +258,7 @@ async def wait_for_server_async(
         xs.watch(path, token)
         fd = xs.watch_fd()
         loop.add_reader(fd, fired.set)
+        log.debug("vchan client: waiting for %s", path)
         try:
             while not xs.read(f"{path}/event-channel"):
                 remaining = None if deadline is None else deadline - time.monotonic()
