@@ -63,18 +63,28 @@ CLIENT_MESSAGE_TYPES = frozenset({MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgTy
 
 
 def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at ``path``, even past the sockaddr_un length limit."""
+    """A listening unix socket at ``path``, even past the sockaddr_un length limit.
+
+    It is bound under a temporary name and renamed into place once listening, so a
+    client that sees the file never gets "connection refused".
+    """
+    folder, name = os.path.split(path)
+    temporary = f".{name}.{os.getpid()}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if len(os.fsencode(path)) <= MAX_UNIX_PATH:
-            sock.bind(path)
-        else:
-            folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                sock.bind(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
-            finally:
-                os.close(folder)
-        sock.listen(64)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=folder_fd)
+            full = os.path.join(folder, temporary)
+            if len(os.fsencode(full)) <= MAX_UNIX_PATH:
+                sock.bind(full)
+            else:
+                sock.bind(f"/proc/self/fd/{folder_fd}/{temporary}")
+            sock.listen(64)
+            os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+        finally:
+            os.close(folder_fd)
     except BaseException:
         sock.close()
         raise
