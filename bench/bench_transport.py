@@ -2,9 +2,10 @@
 
 Every mode moves the same bytes between two processes (sender and receiver, like two
 domains), with the same 1 MiB sends and 64 KiB receives; the receiver times from the
-connection to end of stream. Modes run interleaved, several rounds, and the median per mode
-is compared with the median of the plain copy measured in the same run, so machine noise
-affects the baseline and the backend alike:
+connection to end of stream, and both report the CPU time they spent (sender plus receiver,
+per GiB - less sensitive to a busy machine than wall-clock throughput). Modes run
+interleaved, several rounds, and the median per mode is compared with the median of the
+plain copy measured in the same run, so machine noise affects baseline and backend alike:
 
   plain      socket.sendall / socket.recv on a bare AF_UNIX socket (the baseline)
   blocking   the socket backend's blocking face (qrexec-client, qrexec-client-vm)
@@ -52,7 +53,10 @@ def _connect_plain(path: str) -> socket.socket:
 
 
 def receive(mode: str, directory: Path) -> tuple[int, float]:
-    """Receive until end of stream; return (bytes, seconds since the connection)."""
+    """Receive until end of stream; return (bytes, seconds since the connection).
+
+    The caller reads this process's CPU time around it.
+    """
     total = 0
     if mode == "plain":
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -146,8 +150,8 @@ def send(mode: str, directory: Path, size: int) -> None:
     asyncio.run(run_asyncio() if mode == "asyncio" else run_streams())
 
 
-def measure(mode: str, size: int) -> float:
-    """One transfer of ``size`` bytes in two processes; return MB/s."""
+def measure(mode: str, size: int) -> tuple[float, float]:
+    """One transfer of ``size`` bytes in two processes; return (MB/s, CPU s per GiB)."""
     directory = Path(tempfile.mkdtemp(prefix="vcb", dir="/tmp"))
     script = os.path.abspath(__file__)
     receiver = subprocess.Popen(
@@ -161,10 +165,13 @@ def measure(mode: str, size: int) -> float:
         if receiver.stdout.readline().strip() != "listening":
             raise RuntimeError(f"{mode} receiver did not start")
         sender = subprocess.Popen(
-            [sys.executable, script, "--child", "send", mode, str(directory), str(size)]
+            [sys.executable, script, "--child", "send", mode, str(directory), str(size)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         out, _ = receiver.communicate(timeout=600)
-        if sender.wait(60) != 0 or receiver.returncode != 0:
+        sender_out, _ = sender.communicate(timeout=60)
+        if sender.returncode != 0 or receiver.returncode != 0:
             raise RuntimeError(f"{mode} transfer failed")
     finally:
         for process in (receiver, sender):
@@ -172,10 +179,11 @@ def measure(mode: str, size: int) -> float:
                 os.kill(process.pid, 9)
                 process.wait()
         shutil.rmtree(directory, ignore_errors=True)
-    received, seconds = out.split()
+    received, seconds, receiver_cpu = out.split()
     if int(received) != size:
         raise RuntimeError(f"{mode}: received {received} of {size} bytes")
-    return size / float(seconds) / 1e6
+    cpu = float(receiver_cpu) + float(sender_out.split()[-1])
+    return size / float(seconds) / 1e6, cpu * (1 << 30) / size
 
 
 def main() -> int:
@@ -186,24 +194,31 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         role, mode, directory = args.child[:3]
+        cpu_start = time.process_time()
         if role == "receive":
             received, seconds = receive(mode, Path(directory))
-            print(received, seconds, flush=True)
+            print(received, seconds, time.process_time() - cpu_start, flush=True)
         else:
             send(mode, Path(directory), int(args.child[3]))
+            print(time.process_time() - cpu_start, flush=True)
         return 0
 
     size = args.mib * SEND_SIZE
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpus: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(args.rounds):
         for mode in MODES:
-            results[mode].append(measure(mode, size))
-    baseline = statistics.median(results["plain"])
+            rate, cpu = measure(mode, size)
+            rates[mode].append(rate)
+            cpus[mode].append(cpu)
+    base_rate = statistics.median(rates["plain"])
+    base_cpu = statistics.median(cpus["plain"])
     print(f"{args.mib} MiB per transfer, median of {args.rounds} rounds, two processes")
-    print(f"{'mode':10} {'MB/s':>8} {'ratio to plain':>15}")
+    print(f"{'mode':10} {'MB/s':>8} {'throughput/plain':>17} {'CPU s/GiB':>10} {'CPU/plain':>10}")
     for mode in MODES:
-        rate = statistics.median(results[mode])
-        print(f"{mode:10} {rate:8.0f} {rate / baseline:15.2f}")
+        rate = statistics.median(rates[mode])
+        cpu = statistics.median(cpus[mode])
+        print(f"{mode:10} {rate:8.0f} {rate / base_rate:17.2f} {cpu:10.2f} {cpu / base_cpu:10.2f}")
     return 0
 
 
