@@ -21,7 +21,9 @@ def _pair(hub: MemoryHub) -> tuple[object, object]:
     return listener.accept(timeout=5), client
 
 
-def _both_send_first(hub: MemoryHub, size: int) -> tuple[threading.Thread, threading.Thread]:
+def _both_send_first(
+    hub: MemoryHub, size: int, wait: float
+) -> tuple[threading.Thread, threading.Thread]:
     """The classic transport-buffer deadlock: each side sends before it receives."""
     server, client = _pair(hub)
 
@@ -39,19 +41,19 @@ def _both_send_first(hub: MemoryHub, size: int) -> tuple[threading.Thread, threa
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(0.5)
+        thread.join(wait)
     return threads
 
 
 def test_buffered_hub_lets_small_sends_pass_before_receives() -> None:
-    threads = _both_send_first(MemoryHub(), 1000)
+    threads = _both_send_first(MemoryHub(), 1000, wait=30)
     assert not any(t.is_alive() for t in threads)
 
 
 def test_lockstep_hub_exposes_send_before_receive_deadlocks() -> None:
     hub = MemoryHub(lockstep=True)
-    threads = _both_send_first(hub, 1000)
-    # A deadlock never resolves; both sides are still stuck in send.
+    threads = _both_send_first(hub, 1000, wait=0.5)
+    # A deadlock never resolves, however long we wait: both sides are still stuck in send.
     assert all(t.is_alive() for t in threads)
     hub.kill_domain(1)
     hub.kill_domain(2)
