@@ -46,7 +46,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from qrexec.sim.testbed import Testbed
 
     testbed = Testbed(args.run_dir, _topology(args.topology))
-    testbed.up(progress=_quiet if args.quiet else _progress, agent_user=args.agent_user)
+    testbed.up(progress=_quiet if args.quiet else _progress)
     print(testbed.run.path)
     return 0
 
@@ -211,10 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the testbed")
     p.add_argument("--topology", help="topology file (default: the packaged default)")
-    p.add_argument(
-        "--agent-user",
-        help="account that runs the agents (needs root; default: the current user)",
-    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_up)
 

@@ -20,7 +20,6 @@ import dataclasses
 import getpass
 import logging
 import os
-import pwd
 import shlex
 import shutil
 import subprocess
@@ -141,7 +140,7 @@ class Testbed:
         state.processes.append(record)
         self._children.append(proc)
 
-    def up(self, progress: Progress = _quiet, agent_user: str | None = None) -> None:
+    def up(self, progress: Progress = _quiet) -> None:
         """Write every domain's files, start dom0's programs and the running VMs, and wait
         until every daemon has its agent's HELLO. On failure everything started is stopped.
         """
@@ -149,13 +148,11 @@ class Testbed:
         if any(processes.is_alive(p) for p in self.run.read_state().processes):
             raise TestbedError(f"a testbed is already running in {self.run.path}; down it first")
         self._reset_dir()
-        user = agent_user or getpass.getuser()
+        user = getpass.getuser()
         self.run.save_topology(topology)
         progress(f"writing domain roots under {self.run.path / 'd'}")
         for dom in topology.domains:
             roots.write_domain_root(self.run.root(dom.name), dom, topology, users=[user])
-        if user != getpass.getuser():
-            self._hand_roots_to(user)
         with self.run.locked_state() as state:
             state.agent_user = user
             for dom in topology.domains:
@@ -186,18 +183,6 @@ class Testbed:
         self.run.vchan_dir.mkdir()
         self.run.daemon_socket_dir.mkdir()
         self.run.log_dir.mkdir()
-
-    def _hand_roots_to(self, user: str) -> None:
-        """Let an unprivileged agent account own the VMs' roots (root runs the testbed)."""
-        entry = pwd.getpwnam(user)
-        for dom in self.topology.vms:
-            for dirpath, dirnames, filenames in os.walk(self.run.root(dom.name)):
-                for name in [*dirnames, *filenames]:
-                    os.lchown(os.path.join(dirpath, name), entry.pw_uid, entry.pw_gid)
-                os.lchown(dirpath, entry.pw_uid, entry.pw_gid)
-        for path in (self.run.path, self.run.vchan_dir, self.run.path / "d"):
-            os.chmod(path, 0o755)
-        os.chmod(self.run.vchan_dir, 0o1777)
 
     def _start_dom0(self, progress: Progress) -> None:
         env = self.dom0_env()
@@ -286,7 +271,6 @@ class Testbed:
             dom.name,
             agent_user,
         ]
-        run_as = agent_user if agent_user != getpass.getuser() else None
         with self.run.locked_state() as state:
             agent, agent_proc = processes.spawn(
                 "agent",
@@ -294,7 +278,6 @@ class Testbed:
                 agent_argv,
                 self.vm_env(dom.name, dom.id),
                 self.run.log_file("agent", dom.name),
-                user=run_as,
             )
             self._record(state, agent, agent_proc)
             daemon, daemon_proc = processes.spawn(
@@ -336,11 +319,6 @@ class Testbed:
                 self.run.root(name), domain, self.topology, users=[state.agent_user]
             )
             self._write_system_info(state)
-        if state.agent_user != getpass.getuser():
-            entry = pwd.getpwnam(state.agent_user)
-            for dirpath, _, filenames in os.walk(self.run.root(name)):
-                for item in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
-                    os.lchown(item, entry.pw_uid, entry.pw_gid)
         self.start_domain(name)
         return disp
 
