@@ -41,8 +41,12 @@ class RawControl:
         reply = read_message(self.stream.recv, 2)
         assert isinstance(reply, Hello), reply
         self.version = min(version, reply.version)
-        threading.Thread(target=self._read_all, daemon=True).start()
+        self.start_reading()
         return reply.version
+
+    def start_reading(self) -> None:
+        """Queue the daemon's messages from now on (done by :meth:`hello`)."""
+        threading.Thread(target=self._read_all, daemon=True).start()
 
     def _read_all(self) -> None:
         try:
