@@ -12,7 +12,7 @@ import getpass
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,12 +110,25 @@ class QrexecSystem:
         return self.domains[name]
 
     def start_agent(
-        self, name: str, domid: int, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        domid: int,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        wrapper: Sequence[str] = (),
     ) -> ProcessRecord:
+        """Start an agent (as ``user`` when given: root only; under ``wrapper``)."""
         dom = self.domain(name, domid)
-        argv = [sys.executable, "-m", "qrexec.agent.cli", "--domain-root", str(dom.root)]
+        argv = [
+            *wrapper,
+            sys.executable,
+            "-m",
+            "qrexec.agent.cli",
+            "--domain-root",
+            str(dom.root),
+        ]
         record, proc = processes.spawn(
-            "agent", name, argv, self.env(domid, env), self.logs / f"agent.{name}.log"
+            "agent", name, argv, self.env(domid, env), self.logs / f"agent.{name}.log", user=user
         )
         self.records.append(record)
         dom.agent, dom.agent_proc = record, proc
