@@ -69,6 +69,8 @@ TRIGGER_READ_TIMEOUT = 10.0
 #: Most clients waiting for dom0's answer at once (dom0 keeps at most 256 pending).
 MAX_WAITING = 1024
 IDENT_PREFIX = "SOCKET"
+#: Where upstream's agent listens (spec §1).
+DEFAULT_AGENT_SOCKET = "/var/run/qubes/qrexec-agent"
 #: What a connected client may still send us: nothing meaningful; it is read and dropped.
 DRAIN_SIZE = 4096
 
@@ -130,7 +132,9 @@ class TriggerSocket:
 
     async def start(self) -> None:
         parent = os.path.dirname(self.path)
-        if parent:
+        # The default folder is the system's (/var/run/qubes, made at boot); only an
+        # explicitly configured socket (an emulated domain's root) gets its folder made.
+        if parent and self.path != DEFAULT_AGENT_SOCKET:
             os.makedirs(parent, exist_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, sock=bind_unix(self.path))
         # As upstream: any user of the VM may run qrexec-client-vm.
