@@ -80,6 +80,11 @@ class Ring:
         self.is_server = is_server
         self.xs_path = xs_path
         self.fd: int = int(self._lib.libxenvchan_fd_for_select(ctrl))
+        # libxenvchan 4.17 mallocs the struct and never initialises ``blocking``: set it
+        # to non-blocking explicitly (as vchan-xen does), or read/write may sleep inside
+        # the library while we hold our lock or run the event loop.
+        head = self._ffi.cast("struct qrexec_vchan_head *", ctrl)
+        head.flags = head.flags & ~xenlibs.VCHAN_FLAG_BLOCKING
         self._xenstore_node_removed = not is_server
         self._peer_dead = False
         self._xc: Any = None

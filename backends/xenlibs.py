@@ -58,13 +58,14 @@ int libxenvchan_data_ready(struct libxenvchan *ctrl);
 int libxenvchan_buffer_space(struct libxenvchan *ctrl);
 
 /* The leading fields of struct libxenvchan (xen/include/libxenvchan.h, stable since
-   Xen 4.2): we only read the local event-channel port, to ask Xen whether the peer's
-   end is still bound. */
+   Xen 4.2): the local event-channel port (to ask Xen whether the peer's end is still
+   bound) and the byte holding the bit-fields is_server:1, server_persist:1, blocking:1. */
 struct qrexec_vchan_head {
     void *gnt_handle;
     void *ring;
     void *event;
     uint32_t event_port;
+    uint8_t flags;
 };
 
 struct xs_handle *xs_open(unsigned long flags);
@@ -99,6 +100,8 @@ void free(void *ptr);
 """
 
 DOMID_SELF = 0x7FF0
+#: The ``blocking`` bit-field in ``qrexec_vchan_head.flags`` (gcc's x86-64 layout).
+VCHAN_FLAG_BLOCKING = 0x4
 EVTCHNSTAT_INTERDOMAIN = 2
 
 
