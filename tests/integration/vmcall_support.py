@@ -45,6 +45,7 @@ class VmCallSystem:
         self.policy_2011 = self.dom0_root / "etc/qubes_rpc/policy"
         self.vms: dict[str, Domain] = {}
         self.policy_record: processes.ProcessRecord | None = None
+        self.extra_info: dict[str, Any] = {}
         self.dom0_root.mkdir(parents=True, exist_ok=True)
         self.ask_script.write_text("")
         self.write_system_info({})
@@ -52,13 +53,18 @@ class VmCallSystem:
     # ---- dom0 ----
 
     def write_system_info(self, vms: Mapping[str, int], extra: Mapping[str, Any] = ()) -> None:
+        """System info for dom0, the running ``vms`` and ``extra`` entries (kept for later
+        rewrites; running VMs override them)."""
+        self.extra_info.update(dict(extra))
         domains: dict[str, Any] = {
             "dom0": {"type": "AdminVM", "power_state": "Running", "uuid": vm_uuid(0)}
         }
-        for name, domid in vms.items():
-            domains[name] = {"uuid": vm_uuid(domid), "type": "AppVM", "power_state": "Running"}
-        for name, info in dict(extra).items():
+        for name, info in self.extra_info.items():
             domains.setdefault(name, {}).update(info)
+        for name, domid in vms.items():
+            domains.setdefault(name, {}).update(
+                {"uuid": vm_uuid(domid), "type": "AppVM", "power_state": "Running"}
+            )
         self.system_info.write_text(json.dumps({"domains": domains}))
 
     def write_policy(self, text: str, name: str = "30-test.policy") -> Path:
