@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from qrexec.agent.calls import AgentSettings, CallRunner
 from qrexec.agent.service_io import handshake
@@ -59,6 +60,11 @@ class Agent:
             MsgType.EXEC_CMDLINE: self._start_call,
             MsgType.JUST_EXEC: self._start_call,
         }
+        #: qrexec-client-vm requests waiting for dom0's answer, by request id
+        #: (``SOCKET<fd>``); owned by the VM-calls code, which stores what it needs.
+        self.client_requests: dict[str, Any] = {}
+        #: Called when the daemon connection ends (VM-calls code fails its waiters here).
+        self.on_disconnect: list[Callable[[], None]] = []
         #: Negotiated control-channel version (None while no daemon is connected).
         self.version: int | None = None
         #: Counts control connections; a call remembers the one that started it.
@@ -122,6 +128,8 @@ class Agent:
                 self.version = None
                 self.connected.clear()
                 stream.close()
+                for callback in self.on_disconnect:
+                    callback()
                 for callback in self.on_disconnect:
                     callback()
             log.info("dom0 daemon disconnected; waiting for it again")
