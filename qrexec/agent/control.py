@@ -63,8 +63,6 @@ class Agent:
         #: qrexec-client-vm requests waiting for dom0's answer, by request id
         #: (``SOCKET<fd>``); owned by the VM-calls code, which stores what it needs.
         self.client_requests: dict[str, Any] = {}
-        #: Called when the daemon connection ends (VM-calls code fails its waiters here).
-        self.on_disconnect: list[Callable[[], None]] = []
         #: Negotiated control-channel version (None while no daemon is connected).
         self.version: int | None = None
         #: Counts control connections; a call remembers the one that started it.
@@ -128,8 +126,6 @@ class Agent:
                 self.version = None
                 self.connected.clear()
                 stream.close()
-                for callback in self.on_disconnect:
-                    callback()
                 for callback in self.on_disconnect:
                     callback()
             log.info("dom0 daemon disconnected; waiting for it again")
