@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-w", dest="timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="connect timeout"
     )
     parser.add_argument("-W", dest="wait", action="store_true", help="wait for connection end")
+    parser.add_argument("-k", dest="kill", action="store_true", help="kill the domain at exit")
     parser.add_argument("-p", "--prefix-data", default="", help="data sent before stdin")
     parser.add_argument("--use-stdin-socket", action="store_true", help="fd 0 is a socket")
     parser.add_argument("--socket-dir", help="daemon socket folder")
@@ -79,8 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     except QrexecError as exc:
         log.error("%s", exc)
         code = ExitCode.CONNECT_FAILED if args.connect else ExitCode.PROBLEM
-        return 0 if args.no_exit_code and not args.connect else code
-    return 0 if args.no_exit_code else code
+        code = 0 if args.no_exit_code and not args.connect else code
+    else:
+        code = 0 if args.no_exit_code else code
+    if args.kill:
+        from qrexec.client.admin_kill import kill_domain
+
+        problem = kill_domain(args.dest, env)
+        if problem is not None:
+            log.error("%s", problem)
+    return code
 
 
 if __name__ == "__main__":
