@@ -184,3 +184,27 @@ def test_keyword_destination_is_parsed() -> None:
 def test_run_dir_too_long_is_refused_with_the_limit() -> None:
     with pytest.raises(ValueError, match="at most 48 characters"):
         RunDir("/tmp/" + "x" * 60)
+
+
+@pytest.mark.qrexec_topology(parse_topology(SMALL))
+def test_qrexec_client_k_kills_the_destination_after_the_call(
+    qrexec_testbed: RunningTestbed,
+) -> None:
+    sock = str(qrexec_testbed.testbed.run.qubesd_socket)
+    ok, name = call_admin(sock, "admin.vm.CreateDisposable", "dvm")
+    assert ok
+    argv, env = qrexec_testbed.testbed.exec_argv(name.decode(), "DEFAULT:echo last words")
+    argv.insert(1, "-k")
+    done = qrexec_testbed.testbed.run_client(argv, env)
+    assert (done.returncode, done.stdout) == (0, b"last words\n"), done.stderr
+    assert name.decode() not in qrexec_testbed.testbed.domain_states()
+    # -k on a domain that is not running reports qubesd's refusal but keeps the call's code.
+    argv, env = qrexec_testbed.testbed.exec_argv("work", "DEFAULT:exit 3")
+    argv.insert(1, "-k")
+    assert qrexec_testbed.testbed.run_client(argv, env).returncode == 3
+    assert "work" not in qrexec_testbed.running_domains()
+    argv, env = qrexec_testbed.testbed.exec_argv("cold", "DEFAULT:true")
+    argv.insert(1, "-k")
+    done = qrexec_testbed.testbed.run_client(argv, env)
+    assert done.returncode == 125
+    assert b"QubesVMNotStartedError" in done.stderr
