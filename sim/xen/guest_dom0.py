@@ -28,7 +28,13 @@ from qrexec.backends.xenstore import XenStore
 from qrexec.errors import TransportBroken, TransportError
 from qrexec.sim.xen import guest_common as gc
 from qrexec.sim.xen import guest_qrexec
-from qrexec.sim.xen.guest_domu import PORT_ASYNC, PORT_BLOCKING, PORT_HOLD
+from qrexec.sim.xen.guest_domu import (
+    CONFORMANCE_PORTS,
+    CONFORMANCE_RUNNER,
+    PORT_ASYNC,
+    PORT_BLOCKING,
+    PORT_HOLD,
+)
 
 
 class CheckFailed(Exception):
@@ -158,6 +164,46 @@ class Dom0Job:
         gc.marker("METRIC", "vchan-async-throughput", f"{rate:.1f}", "MB/s")
         return f"2x{self.total >> 20} MiB sha256 ok (domU server), {rate:.1f} MB/s"
 
+    def conformance(self, face: str) -> str:
+        """Side a of the cross-domain conformance suite here, side b in vm1 (see domU)."""
+        vm1 = self.domids["vm1"]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(CONFORMANCE_RUNNER),
+                "--side=a",
+                f"--peer-domain={vm1}",
+                f"--face={face}",
+                "--transport=vchan",
+                f"--base-port={CONFORMANCE_PORTS[face]}",
+                f"--bulk-mib={max(1, self.total >> 20)}",
+            ],
+            env=dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+            timeout=float(self.config.get("check_timeout", CHECK_TIMEOUT)) - 10,
+        )
+        sys.stdout.write(proc.stdout)
+        done = [line for line in proc.stdout.splitlines() if "CONFORMANCE a DONE" in line]
+        mine = done[-1].split("DONE", 1)[1].strip() if done else f"no summary rc={proc.returncode}"
+        node = f"/local/domain/{vm1}/data/qrexec-job/conformance-{face}"
+        deadline = time.monotonic() + 60
+        with XenStore() as xs:
+            while (theirs := xs.read(node)) is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+        peer = theirs.decode(errors="replace") if theirs else "vm1 reported nothing"
+        if proc.returncode != 0 or not peer.startswith("rc=0 "):
+            raise CheckFailed(f"dom0 side: {mine} (rc={proc.returncode}); vm1 side: {peer}")
+        return f"dom0 (side a) {mine}; vm1 (side b) {peer.removeprefix('rc=0 ')}"
+
+    def check_conformance_blocking(self) -> str:
+        return self.conformance("blocking")
+
+    def check_conformance_asyncio(self) -> str:
+        return self.conformance("asyncio")
+
     def check_vchan_peer_death(self) -> str:
         vm2 = self.domids["vm2"]
         stream = self.backend.listen(vm2, PORT_HOLD).accept(timeout=300)
@@ -195,6 +241,8 @@ class Dom0Job:
             "vchan-identity": self.check_vchan_identity,
             "vchan-blocking": self.check_vchan_blocking,
             "vchan-async": self.check_vchan_async,
+            "conformance-blocking": self.check_conformance_blocking,
+            "conformance-asyncio": self.check_conformance_asyncio,
             "vchan-peer-death": self.check_vchan_peer_death,
         }
         table.update(self.qrexec.table())

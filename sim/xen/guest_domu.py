@@ -31,6 +31,8 @@ from qrexec.sim.xen.guest_services import install_domu_services
 PORT_BLOCKING = 9001
 PORT_ASYNC = 9002
 PORT_HOLD = 9010
+CONFORMANCE_RUNNER = Path("/opt/qrexec-py/tests/conformance/cross_domain.py")
+CONFORMANCE_PORTS = {"blocking": 1100, "asyncio": 1200}
 
 
 def raw_blocking(backend: VchanBackend, total: int) -> None:
@@ -55,6 +57,37 @@ async def raw_async(backend: VchanBackend, total: int) -> None:
     finally:
         await stream.aclose()
     gc.marker("DOMU-STEP", "raw-async", "ok" if verdict.ok else f"FAIL {verdict.error}")
+
+
+def conformance(face: str, base_port: int, total_mib: int) -> None:
+    """Run side b of the cross-domain conformance suite; publish the result in xenstore."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(CONFORMANCE_RUNNER),
+            "--side=b",
+            "--peer-domain=0",
+            f"--face={face}",
+            "--transport=vchan",
+            f"--base-port={base_port}",
+            f"--bulk-mib={total_mib}",
+        ],
+        env=dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
+    sys.stdout.write(proc.stdout)
+    done = [line for line in proc.stdout.splitlines() if "CONFORMANCE b DONE" in line]
+    summary = done[-1].split("DONE", 1)[1].strip() if done else f"no summary, rc={proc.returncode}"
+    failed = [line for line in proc.stdout.splitlines() if "CONFORMANCE b FAIL" in line]
+    with XenStore() as xs:
+        xs.write(
+            f"data/qrexec-job/conformance-{face}",
+            f"rc={proc.returncode} {summary} {' | '.join(failed)}"[:2000].encode(),
+        )
+    gc.marker("DOMU-STEP", f"conformance-{face}", f"rc={proc.returncode} {summary}")
 
 
 def start_agent() -> subprocess.Popen[bytes]:
@@ -97,6 +130,9 @@ def main() -> int:
                 raw_blocking(backend, total)
             elif step == "raw-async":
                 asyncio.run(raw_async(backend, total))
+            elif step.startswith("conformance-"):
+                face = step.removeprefix("conformance-")
+                conformance(face, CONFORMANCE_PORTS[face], max(1, total >> 20))
             elif step == "services":
                 install_domu_services(name)
             elif step == "agent":

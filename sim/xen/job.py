@@ -26,7 +26,13 @@ from qrexec.sim.xen import boot, host, images
 
 log = logging.getLogger(__name__)
 
-RAW_CHECKS = ["vchan-identity", "vchan-blocking", "vchan-async"]
+RAW_CHECKS = [
+    "vchan-identity",
+    "vchan-blocking",
+    "vchan-async",
+    "conformance-blocking",
+    "conformance-asyncio",
+]
 QREXEC_CHECKS = [
     "qrexec-setup",
     "qrexec-dom0-to-vm",
@@ -74,6 +80,7 @@ def domu_steps(checks: list[str]) -> dict[str, list[str]]:
         vm1.append("raw-blocking")
     if "vchan-async" in checks:
         vm1.append("raw-async")
+    vm1 += [c for c in checks if c.startswith("conformance-")]
     if any(c.startswith("qrexec-") for c in checks):
         vm1.append("agent")
         vm2.append("agent")

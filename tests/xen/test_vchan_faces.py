@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fake_ring import ring_pair  # noqa: E402
+from fake_ring import ring_pair
 
-from qrexec.backends.vchan import VchanStream  # noqa: E402
-from qrexec.backends.vchan_async import AsyncVchanStream  # noqa: E402
-from qrexec.errors import TransportBroken, TransportClosed  # noqa: E402
+from qrexec.backends.vchan import VchanStream
+from qrexec.backends.vchan_async import AsyncVchanStream
+from qrexec.errors import TransportBroken, TransportClosed
 
 pytestmark = [pytest.mark.xen, pytest.mark.timeout(60)]
 TOTAL = 3 << 20
