@@ -109,6 +109,8 @@ def bind_unix(path: str) -> socket.socket:
                 sock.bind(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
             finally:
                 os.close(folder)
+        # Any user of the VM may call qrexec-client-vm (upstream creates it 0666).
+        os.chmod(path, 0o666)
         sock.listen(128)
     except BaseException:
         sock.close()

@@ -178,6 +178,11 @@ class VmCalls:
                 await self.refuse(call, "denied by policy")
                 return
             assert response.target is not None
+            if not self._still_pending(call):
+                # Answered meanwhile (``qrexec-client -c``) or the agent went away: start
+                # nothing in the target.
+                log.info("request %s is no longer pending after the policy", call.request.ident)
+                return
             if response.target in DOM0_NAMES:
                 await self.call_dom0(call, response)
             else:
