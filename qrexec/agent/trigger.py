@@ -67,7 +67,7 @@ TRIGGER_TYPES = frozenset(
 #: A client must send its whole trigger this soon after connecting.
 TRIGGER_READ_TIMEOUT = 10.0
 #: Most clients waiting for dom0's answer at once (dom0 keeps at most 256 pending).
-MAX_WAITING = 1024
+MAX_WAITING = 512
 IDENT_PREFIX = "SOCKET"
 #: Where upstream's agent listens (spec §1).
 DEFAULT_AGENT_SOCKET = "/var/run/qubes/qrexec-agent"

@@ -6,8 +6,11 @@ in modern files in the test's dom0 root; decisions checked in the audit log.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -240,3 +243,29 @@ def test_usage_and_agent_errors(vmcalls: VmCallSystem) -> None:
     no_agent = vmcalls.call("vm1", "-a", str(vmcalls.base / "nothing"), "vm2", "svc")
     assert no_agent.returncode == 125
     assert os.fsencode(str(vmcalls.base / "nothing")) in no_agent.stderr
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x01\x02\x03\x04\x05\x06\x07",  # unknown type
+        struct.pack("<II", 0x200, 20) + b"x" * 20,  # EXEC_CMDLINE is no trigger
+        struct.pack("<II", 0x213, 70000) + b"x" * 100,  # over the length cap
+        struct.pack("<II", 0x212, 100) + b"y" * 100,  # name without NUL
+    ],
+    ids=["unknown-type", "wrong-type", "oversize", "no-nul"],
+)
+def test_trigger_socket_garbage_is_dropped(vmcalls: VmCallSystem, garbage: bytes) -> None:
+    """A local program sending junk to the agent's trigger socket only loses its socket."""
+    two_vms(vmcalls, "test.Marker * vm1 vm2 allow\n")
+    vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(20)
+        sock.connect(str(vmcalls.agent_socket("vm1")))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(garbage)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(8) == b""
+    assert vmcalls.audit() == []
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
