@@ -57,7 +57,11 @@ from qrexec.daemon.vm_calls_dom0 import run_dom0_service
 from qrexec.daemon.vm_calls_peers import PeerError, TargetDaemon, admin_call
 from qrexec.errors import InvalidField, QrexecError
 from qrexec.policy.wire import PolicyQuery, PolicyResponse
-from qrexec.protocol.cmdline import build_rpc_command, requested_target_fields
+from qrexec.protocol.cmdline import (
+    build_rpc_command,
+    build_user_command,
+    requested_target_fields,
+)
 from qrexec.protocol.constants import MsgType
 from qrexec.protocol.fields import TriggerRequest, validate_trigger
 from qrexec.protocol.messages import (
@@ -212,7 +216,9 @@ class VmCalls:
         if "+" not in service:
             service += "+"
         source = response.policy_source or self.daemon.config.name
-        return f"{response.user or 'DEFAULT'}:{build_rpc_command(service, source)}"
+        # build_user_command refuses a user holding ':', which would turn the rest of
+        # the line into a shell command for the target agent.
+        return build_user_command(response.user or "DEFAULT", build_rpc_command(service, source))
 
     async def call_vm(self, call: VmCall, response: PolicyResponse) -> None:
         config = self.daemon.config
