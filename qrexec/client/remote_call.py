@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 from typing import Any
 
 from qrexec.client.caller import CallerIO, caller_handshake, read_exit_code, run_caller
@@ -96,6 +95,8 @@ class RemoteCall:
         args = self.args
         prefix = args.prefix_data.encode("utf-8", "surrogateescape")
         if args.local_cmd is not None:
+            import subprocess
+
             local = subprocess.Popen(
                 ["/bin/sh", "-c", args.local_cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
