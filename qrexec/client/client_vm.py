@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import socket
     import subprocess
 
-    from qrexec.backends.base import BlockingStream
+    from qrexec.backends.base import Backend, BlockingStream
     from qrexec.client.client_vm_args import ClientVmOptions
 
 log = logging.getLogger("qrexec.client_vm")
@@ -129,36 +129,45 @@ def request_call(options: ClientVmOptions, version: int) -> tuple[socket.socket,
     return sock, params[0], params[1]
 
 
+def save_std_fds(env: Mapping[str, str]) -> list[int]:
+    """Copies of our stdin and stdout (and stderr with ``PASS_LOCAL_STDERR``) for the
+    local program's ``SAVED_FD_*``.
+
+    Taken first thing, while the lowest descriptors are free, so the numbers are single
+    digits: ``/bin/sh`` (dash) cannot redirect to ``>&$SAVED_FD_1`` past fd 9.
+    """
+    saved = [os.dup(0), os.dup(1)]
+    if env.get("PASS_LOCAL_STDERR"):
+        saved.append(os.dup(2))
+    return saved
+
+
 class LocalProgram:
     """LOCAL_PROGRAM wired to the call through two pipes."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str]) -> None:
+    def __init__(self, argv: list[str], env: Mapping[str, str], saved: Sequence[int]) -> None:
         import subprocess
 
         to_program_r, self.to_program = os.pipe()
         self.from_program, from_program_w = os.pipe()
-        saved = [os.dup(0), os.dup(1)]
         child_env = dict(env)
-        child_env["SAVED_FD_0"] = str(saved[0])
-        child_env["SAVED_FD_1"] = str(saved[1])
-        if env.get("PASS_LOCAL_STDERR"):
-            saved.append(os.dup(2))
-            child_env["SAVED_FD_2"] = str(saved[2])
+        for number, fd in enumerate(saved):
+            child_env[f"SAVED_FD_{number}"] = str(fd)
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 argv,
                 stdin=to_program_r,
                 stdout=from_program_w,
                 env=child_env,
-                pass_fds=saved,
+                pass_fds=tuple(saved),
             )
         except OSError:
             os.close(self.to_program)
             os.close(self.from_program)
             raise
         finally:
-            for fd in (to_program_r, from_program_w, *saved):
-                os.close(fd)
+            os.close(to_program_r)
+            os.close(from_program_w)
 
     def finish(self, stdin_closed: bool) -> int:
         """Close our pipe ends and wait for the program; its exit code.
@@ -174,7 +183,11 @@ class LocalProgram:
 
 
 def run_call(
-    options: ClientVmOptions, stream: BlockingStream, version: int, env: Mapping[str, str]
+    options: ClientVmOptions,
+    stream: BlockingStream,
+    version: int,
+    env: Mapping[str, str],
+    saved: Sequence[int] = (),
 ) -> int:
     """The data phase after the handshake: our stdio or the local program; the exit code."""
     from qrexec.client.caller import CallerIO, run_caller
@@ -192,7 +205,7 @@ def run_call(
         return run_caller(stream, version, io)
     argv = resolve_local_program(options.local_program, env)
     try:
-        local = LocalProgram(argv, env)
+        local = LocalProgram(argv, env, saved)
     except OSError as exc:
         print(f"qrexec-client-vm: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_LOCAL_ERROR
@@ -212,12 +225,28 @@ def run_call(
 def connect_and_run(options: ClientVmOptions, env: Mapping[str, str]) -> int:
     """Everything after argument parsing; raises QrexecError / CallRefused."""
     from qrexec.backends.select import load_backend
-    from qrexec.client.caller import caller_handshake
-    from qrexec.errors import QrexecError
     from qrexec.protocol.negotiation import own_protocol_version
 
-    version = own_protocol_version(env)
-    backend = load_backend(None, env)
+    saved = save_std_fds(env) if options.local_program else []
+    try:
+        version = own_protocol_version(env)
+        backend = load_backend(None, env)
+        return _call(options, env, backend, version, saved)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _call(
+    options: ClientVmOptions,
+    env: Mapping[str, str],
+    backend: Backend,
+    version: int,
+    saved: Sequence[int],
+) -> int:
+    from qrexec.client.caller import caller_handshake
+    from qrexec.errors import QrexecError
+
     trigger_sock, domain, port = request_call(options, version)
     try:
         listener = backend.listen(
@@ -234,7 +263,7 @@ def connect_and_run(options: ClientVmOptions, env: Mapping[str, str]) -> int:
             listener.close()
         try:
             data_version = caller_handshake(stream, version)
-            return run_call(options, stream, data_version, env)
+            return run_call(options, stream, data_version, env, saved)
         finally:
             stream.close()
     finally:

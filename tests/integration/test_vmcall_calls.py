@@ -11,6 +11,7 @@ import getpass
 import os
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -269,3 +270,68 @@ def test_trigger_socket_garbage_is_dropped(vmcalls: VmCallSystem, garbage: bytes
     assert vmcalls.audit() == []
     result = vmcalls.call("vm1", "vm2", "test.Marker")
     assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
+
+
+UPPER_SERVICE = """#!/bin/sh
+tr a-z A-Z
+exit "${1:-0}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("remote", "local", "expected"), [("0", "5", 5), ("4", "5", 4), ("0", "0", 0)]
+)
+def test_local_program_wiring_and_exit_code(
+    vmcalls: VmCallSystem, remote: str, local: str, expected: int
+) -> None:
+    """LOCAL_PROGRAM's stdout feeds the service, the service's stdout feeds it back;
+    SAVED_FD_0/1 (and _2 with PASS_LOCAL_STDERR) are our original descriptors; the exit
+    code is the remote one unless that is 0."""
+    two_vms(vmcalls, "test.Upper * vm1 vm2 allow\n")
+    vmcalls.vms["vm2"].write_service("test.Upper", UPPER_SERVICE)
+    program = vmcalls.vms["vm1"].write_file(
+        "usr/bin/local-side",
+        "#!/bin/sh\n"
+        'echo "hello from local"\n'
+        "exec 1>&-\n"
+        'read answer\necho "got: $answer" >&$SAVED_FD_1\n'
+        'echo "saved2=${SAVED_FD_2-unset}" >&2\n'
+        "cat <&$SAVED_FD_0 >&$SAVED_FD_1\n"
+        f"exit {local}\n",
+        0o755,
+    )
+    assert program.exists()
+    result = vmcalls.call(
+        "vm1",
+        "vm2",
+        f"test.Upper+{remote}",
+        "/usr/bin/local-side",
+        input=b"our own stdin\n",
+        env={"PASS_LOCAL_STDERR": "1"},
+    )
+    assert result.returncode == expected, result.stderr
+    assert result.stdout == b"got: HELLO FROM LOCAL\nour own stdin\n"
+    saved2 = result.stderr.decode().strip().rsplit("=", 1)[1]
+    assert saved2.isdigit()
+
+
+def test_use_stdin_socket(vmcalls: VmCallSystem) -> None:
+    two_vms(vmcalls, "test.Upper * vm1 vm2 allow\n")
+    vmcalls.vms["vm2"].write_service("test.Upper", UPPER_SERVICE)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        proc = subprocess.Popen(
+            vmcalls.client_vm_argv("--use-stdin-socket", "vm2", "test.Upper"),
+            stdin=theirs,
+            stderr=subprocess.PIPE,
+            env=vmcalls.vm_env("vm1"),
+        )
+        theirs.close()
+        ours.sendall(b"over one socket\n")
+        ours.shutdown(socket.SHUT_WR)
+        ours.settimeout(60)
+        received = b""
+        while chunk := ours.recv(4096):
+            received += chunk
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else b""
+    assert received == b"OVER ONE SOCKET\n"
