@@ -68,6 +68,13 @@ def _check_value(key: str, value: str, *, allow_empty: bool, error: type[Excepti
             raise error(f"{key}: character {ch!r} is not allowed (printable ASCII only)")
 
 
+def _check_user(value: str | None, error: type[Exception]) -> None:
+    """The user goes in front of ``:`` in qrexec-daemon's ``USER:QUBESRPC …`` command line,
+    so a ``:`` in it would let the rest be read as part of the command."""
+    if value is not None and ":" in value:
+        raise error(f"user: {value[:64]!r} contains ':'")
+
+
 def _yes_no(key: str, value: str) -> bool:
     if value == "yes":
         return True
@@ -247,6 +254,7 @@ class PolicyResponse:
     def fields(self) -> list[tuple[str, str]]:
         """The ``(key, value)`` pairs in wire order, validated by the §6.1 rules."""
         _validate_shape(self, LocalProtocolError, sending=True)
+        _check_user(self.user, LocalProtocolError)
         out: list[tuple[str, str]] = [("result", self.result)]
         for key in RESPONSE_KEYS[1:]:
             value = getattr(self, key)
@@ -341,6 +349,7 @@ def parse_response(data: bytes) -> PolicyResponse:
         policy_source=known.get("policy_source"),
     )
     _validate_shape(resp, RemoteProtocolError, sending=False)
+    _check_user(resp.user, RemoteProtocolError)
     return resp
 
 

@@ -78,6 +78,7 @@ def test_relay_fields_are_kept() -> None:
         (b"result=deny\nx=\xff\n", "not ASCII"),
         (b"result=deny\n" + b"x" * 4096, "longer than 4096"),
         (ALLOW_VM.replace(b"user=DEFAULT", b"user="), "user: empty"),
+        (ALLOW_VM.replace(b"user=DEFAULT", b"user=root:evil"), "contains ':'"),
     ],
 )
 def test_bad_responses(data: bytes, reason: str) -> None:
@@ -130,6 +131,10 @@ def test_allow_shape_errors() -> None:
         PolicyResponse(result="deny", target_uuid="uuid:x").encode()
     with pytest.raises(LocalProtocolError, match="lacks"):
         PolicyResponse(result="allow", target="x").encode()
+    with pytest.raises(LocalProtocolError, match="contains ':'"):
+        allow_response(
+            target="vm", target_uuid=None, user="a:b", autostart=True, requested_target="vm"
+        ).encode()
 
 
 _value = st.text(
@@ -140,7 +145,7 @@ _value = st.text(
 @given(
     target=_value,
     uuid=_value,
-    user=_value,
+    user=_value.filter(lambda u: ":" not in u),
     autostart=st.booleans(),
     requested=_value,
     service=st.one_of(st.none(), _value),
