@@ -96,6 +96,7 @@ class Decider:
             result: AuditResult = "ask-denied" if asked else "deny"
             return Outcome(DENY, result, resolution, resolution.reason), request, info
         response = _allow(resolution, query, info, policy_source)
+        response.encode()  # validates now, so a bad value is an audited error, not a hang-up
         result = "ask-allowed" if asked else "allow"
         return Outcome(response, result, resolution, resolution.reason), request, info
 
