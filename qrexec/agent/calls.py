@@ -157,6 +157,10 @@ class CallRunner:
             prepared.error = exc
         except ProtocolError as exc:
             prepared.error = ServiceError(f"malformed command line: {exc}")
+        except (OSError, ValueError) as exc:
+            # Anything else still answers the caller (125) instead of leaving it waiting.
+            log.exception("unexpected error preparing a call")
+            prepared.error = ServiceError(f"cannot prepare the call: {exc}")
         return prepared
 
     async def wait_for_session(self, user: str, source: str) -> None:

@@ -121,6 +121,8 @@ class Agent:
                 await self._serve_connection(stream)
             except (ProtocolError, TransportError) as exc:
                 log.warning("control vchan dropped: %s", exc)
+            except Exception:
+                log.exception("internal error on the control vchan; waiting for dom0 again")
             finally:
                 self._stream = None
                 self.version = None

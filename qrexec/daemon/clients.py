@@ -199,6 +199,8 @@ class ClientServer:
             log.warning("dropping a client of %s: no request within the time limit", config.name)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.debug("a client of %s went away", config.name)
+        except Exception:
+            log.exception("internal error while serving a client of %s", config.name)
         finally:
             self._clients.discard(client)
             if client.key is not None:

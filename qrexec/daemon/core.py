@@ -222,6 +222,13 @@ class Daemon:
             self.drop_agent(f"protocol violation: {exc}")
         except TransportError as exc:
             log.warning("agent of %s: control vchan failed: %s", self.config.name, exc)
+        except Exception:
+            # A bug in a handler must not take the daemon down: drop this connection
+            # (everything tied to it is released) and wait for the agent again.
+            log.exception(
+                "agent of %s: internal error while handling its message", self.config.name
+            )
+            self.drop_agent("internal error (see the traceback above)")
 
     async def agent_lost(self) -> None:
         """Forget everything tied to the agent connection that just ended."""
