@@ -129,7 +129,8 @@ class TriggerSocket:
     def __init__(self, agent: Agent, path: str) -> None:
         self.agent = agent
         self.path = path
-        self.waiting: dict[str, Waiter] = {}
+        #: The agent's registry of clients waiting for dom0, by ident (Waiter values).
+        self.waiting: dict[str, Waiter] = agent.client_requests
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
