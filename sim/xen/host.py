@@ -110,13 +110,22 @@ def dpkg_installed(package: str) -> bool:
 def ensure_host_packages() -> None:
     """Install the host packages the job needs (no-op when present)."""
     missing = [p for p in HOST_PACKAGES if not dpkg_installed(p)]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lists = list(Path("/var/lib/apt/lists").glob("*_Packages*"))
+    if missing or not lists or not _apt_knows("xen-hypervisor-4.17-amd64"):
+        run(["apt-get", *APT_LOCK, "update", "-q"], env=env)
     if not missing:
         return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    run(["apt-get", *APT_LOCK, "update", "-q"], env=env)
     run(["apt-get", *APT_LOCK, "install", "-y", "-q", "--no-install-recommends", *missing], env=env)
     if shutil.which("qemu-system-x86_64") is None:
         raise JobError("qemu-system-x86_64 is still missing after installing qemu-system-x86")
+
+
+def _apt_knows(package: str) -> bool:
+    proc = subprocess.run(
+        ["apt-cache", "madison", package], capture_output=True, text=True, check=False
+    )
+    return proc.returncode == 0 and package in proc.stdout
 
 
 def debian_mirror() -> str:
