@@ -110,6 +110,8 @@ class VmSupervisor:
         self.domain = None if self.slot else topology.domain(name)
         self.agent: ProcessRecord | None = None
         self.lock = threading.Lock()
+        #: Files a disposable slot got from its template (removed when it stops).
+        self.template_files: list[str] = []
 
     def prepare(self) -> None:
         """Write the domain's files (a slot gets them from its template at start)."""
@@ -130,6 +132,7 @@ class VmSupervisor:
                     raise TestbedError(f"{template} is not a disposable template")
                 ensure_user(dom.default_user)
                 roots.write_domain_root(Path("/"), dom, self.topology, python=sys.executable)
+                self.template_files = roots.domain_paths(dom)
                 _own_home(dom.default_user)
             argv = [find_program("qrexec-agent"), "--transport", "socket", "--no-fork-server"]
             self.agent, _ = processes.spawn(
@@ -146,7 +149,11 @@ class VmSupervisor:
                 log.info("agent stopped")
                 self.agent = None
             if self.slot:
-                # A disposable leaves nothing behind for the next one.
+                # A disposable leaves nothing behind for the next one: neither its template's
+                # files (the next one may have another template) nor what it wrote at home.
+                for path in self.template_files:
+                    Path(path).unlink(missing_ok=True)
+                self.template_files = []
                 for home in Path("/home").iterdir():
                     for child in home.iterdir():
                         if child.is_dir() and not child.is_symlink():

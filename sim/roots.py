@@ -74,6 +74,16 @@ def install_service(root: Path, service: ServiceSpec, python: str = sys.executab
     return target
 
 
+def domain_paths(domain: Domain) -> list[str]:
+    """Every file :func:`write_domain_root` puts into the domain (absolute, in-domain paths)."""
+    paths = [f.path for f in domain.files]
+    for service in domain.services:
+        paths.append(f"{service.directory}/{service.name}")
+        if service.rpc_config is not None:
+            paths.append(f"/etc/qubes/rpc-config/{service.name}")
+    return paths
+
+
 def install_policy(root: Path, policy: PolicySpec) -> Path:
     """Write one policy file into dom0's file system (replacing an older version atomically)."""
     target = inside(root, policy.path)

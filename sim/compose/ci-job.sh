@@ -161,6 +161,10 @@ check "the copied tree landed in vm2's ~/QubesIncoming/vm1" 0 "640 5 data" \
     'f=~/QubesIncoming/vm1/tree/sub/f; echo "$(stat -c "%a %s" "$f") $(cat "$f")"'
 check "vm1 -> @dispvm sim.Echo (a disposable slot)" 0 "" \
     "${DC[@]}" exec -T vm1 sh -c 'echo hi | qrexec-client-vm @dispvm sim.Echo | grep "^disposable echoes vm1: hi$"'
+check "three more @dispvm calls reuse the two slots" 0 "" \
+    "${DC[@]}" exec -T vm2 sh -c 'for i in 1 2 3; do echo "$i" | qrexec-client-vm @dispvm sim.Echo | grep -q "^disposable echoes vm2: $i$" || exit 1; done'
+check "every disposable is gone from dom0 after its call" 0 "" \
+    "${DC[@]}" exec -T dom0 sh -c 'for i in $(seq 100); do ls /var/run/qubes | grep -q "^qrexec\.disp" || exit 0; sleep 0.2; done; ls /var/run/qubes; exit 1'
 check "vm1 -> default-dvm sim.Echo autostarts the stopped container's agent" 0 \
     "disposable echoes vm1: wake" \
     "${DC[@]}" exec -T vm1 sh -c 'echo wake | qrexec-client-vm default-dvm sim.Echo'

@@ -28,6 +28,8 @@ EXPECTED_CHECKS = [
     "vm1 -> vm2 qubes.Filecopy of a tree",
     "the copied tree landed in vm2's ~/QubesIncoming/vm1",
     "vm1 -> @dispvm sim.Echo (a disposable slot)",
+    "three more @dispvm calls reuse the two slots",
+    "every disposable is gone from dom0 after its call",
     "vm1 -> default-dvm sim.Echo autostarts the stopped container's agent",
     "vm1 sees only the vchan pairs it belongs to",
     "vm1 cannot open the dom0-vm2 pair folder",
