@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import pty
 import socket
 import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -335,3 +337,55 @@ def test_use_stdin_socket(vmcalls: VmCallSystem) -> None:
             received += chunk
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else b""
     assert received == b"OVER ONE SOCKET\n"
+
+
+ESCAPES_SERVICE = """#!/bin/sh
+printf 'out\\033[31m\\007\\n'
+printf 'err\\033]0;title\\n' >&2
+"""
+
+
+@pytest.mark.parametrize(
+    ("options", "expect_out", "expect_err"),
+    [
+        ((), b"out_[31m\x07", b"err_]0;title"),  # a terminal: both filtered by default
+        (("--no-filter-escape-chars-stdout",), b"out\x1b[31m\x07", b"err_]0;title"),
+        (("--no-filter-escape-chars-stderr",), b"out_[31m\x07", b"err\x1b]0;title"),
+    ],
+)
+def test_escape_filtering_on_a_terminal(
+    vmcalls: VmCallSystem, options: tuple[str, ...], expect_out: bytes, expect_err: bytes
+) -> None:
+    two_vms(vmcalls, "test.Esc * vm1 vm2 allow\n")
+    vmcalls.vms["vm2"].write_service("test.Esc", ESCAPES_SERVICE)
+    out_master, out_slave = pty.openpty()
+    err_master, err_slave = pty.openpty()
+    for fd in (out_slave, err_slave):
+        attrs = termios.tcgetattr(fd)
+        attrs[1] &= ~termios.OPOST  # no CRLF translation: compare raw bytes
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+    proc = subprocess.Popen(
+        vmcalls.client_vm_argv(*options, "vm2", "test.Esc"),
+        stdin=subprocess.DEVNULL,
+        stdout=out_slave,
+        stderr=err_slave,
+        env=vmcalls.vm_env("vm1"),
+    )
+    os.close(out_slave)
+    os.close(err_slave)
+    outputs = []
+    for master in (out_master, err_master):
+        data = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the client closed its side of the terminal
+                break
+            if not chunk:
+                break
+            data += chunk
+        os.close(master)
+        outputs.append(data)
+    assert proc.wait(60) == 0
+    assert outputs[0].splitlines()[0] == expect_out
+    assert outputs[1].splitlines()[0] == expect_err
