@@ -173,7 +173,7 @@ def test_capped_daemon_with_v4_client(vmcalls: VmCallSystem, cap: str) -> None:
     vmcalls.start_vm("vm1", 1, daemon_env=capped)
     vmcalls.start_vm("vm2", 2, daemon_env=capped)
     vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
-    result = vmcalls.call("vm1", "vm2", "test.Env+arg", input=b"x" * 200_000)
+    result = vmcalls.call("vm1", "--buffer-size=8192", "vm2", "test.Env+arg", input=b"x" * 200_000)
     assert result.returncode == 3, result.stderr
     assert result.stdout.decode().splitlines()[0] == "arg=arg"
     assert result.stdout.count(b"x") == 200_000
