@@ -293,8 +293,17 @@ class Testbed:
         return [agent, daemon]
 
     def start_domain(self, name: str) -> None:
-        """Start one stopped domain (autostart, disposables) and wait for its HELLO."""
-        self.start_domains([name])
+        """Start one stopped domain (autostart, disposables) and wait for its HELLO.
+
+        A domain that does not come up is stopped again (a disposable is removed), so a
+        failed start leaves nothing half-running behind.
+        """
+        try:
+            self.start_domains([name])
+        except BaseException:
+            log.warning("%s did not start; stopping what was started", name)
+            self.stop_domain(name)
+            raise
 
     def create_disposable(self, template: str) -> DomainState:
         """Make a fresh disposable from ``template``'s files and start it."""

@@ -208,3 +208,19 @@ def test_qrexec_client_k_kills_the_destination_after_the_call(
     done = qrexec_testbed.testbed.run_client(argv, env)
     assert done.returncode == 125
     assert b"QubesVMNotStartedError" in done.stderr
+
+
+@pytest.mark.qrexec_topology(parse_topology(SMALL))
+def test_a_domain_that_cannot_start_is_not_left_half_running(
+    qrexec_testbed: RunningTestbed,
+) -> None:
+    # An agent that cannot start: a file squats its vchan pair folder.
+    cold_id = qrexec_testbed.testbed.domain_states()["cold"].id
+    (qrexec_testbed.run_dir / "vchan" / f"pair.0.{cold_id}").write_text("in the way")
+    sock = str(qrexec_testbed.testbed.run.qubesd_socket)
+    ok, answer = call_admin(sock, "admin.vm.Start", "cold")
+    assert not ok and answer.startswith(b"QubesException\0")
+    assert b"exited while waiting for cold's agent to say HELLO" in answer
+    assert "cold" not in qrexec_testbed.running_domains()
+    assert not any(s.record.domain == "cold" for s in qrexec_testbed.status())
+    assert all(s.alive for s in qrexec_testbed.status())
