@@ -85,7 +85,6 @@ async def ask_policy_program(settings: PolicySettings, query: PolicyQuery) -> Po
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
         )
     except OSError as exc:
         log.error("cannot run the policy program %s: %s", settings.program, exc)

@@ -389,3 +389,34 @@ def test_escape_filtering_on_a_terminal(
     assert proc.wait(60) == 0
     assert outputs[0].splitlines()[0] == expect_out
     assert outputs[1].splitlines()[0] == expect_err
+
+
+def test_daemon_restart_refuses_waiting_calls_and_serves_again(vmcalls: VmCallSystem) -> None:
+    """dom0's daemon of the calling VM dies while a call waits for policy: the caller is
+    refused at once (nobody will answer); the restarted daemon serves new calls."""
+    slow = vmcalls.base / "slow-policy"
+    slow.write_text(
+        "#!/bin/sh\nsleep 30\n"
+        "printf 'result=allow\\nuser=DEFAULT\\ntarget=vm2\\n"
+        "autostart=False\\nrequested_target=vm2\\n'\n"
+    )
+    slow.chmod(0o755)
+    missing = {"QREXEC_POLICY_SOCKET": str(vmcalls.base / "no-policy.sock")}
+    vmcalls.start_vm("vm1", 1, daemon_env=missing, daemon_args=["-p", str(slow)])
+    vmcalls.write_policy("test.Marker * vm1 vm2 allow\n")
+    vmcalls.start_policy_daemon()
+    vmcalls.start_vm("vm2", 2)
+    vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
+    waiting = vmcalls.popen_call("vm1", "vm2", "test.Marker")
+    time.sleep(1)
+    system = vmcalls.system
+    vm1 = system.domains["vm1"]
+    assert vm1.daemon is not None
+    system.stop(vm1.daemon)
+    _, err = waiting.communicate(timeout=20)
+    assert waiting.returncode == 126, err
+    # A new daemon (with the policy daemon this time) serves the same agent.
+    system.start_daemon("vm1", 1, vmcalls.dom0_env(), args=["-u", vm_uuid(1)])
+    system.wait_connected(vm1)
+    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
