@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -111,8 +112,6 @@ def test_status_reports_a_killed_process_and_down_still_cleans_up(
         assert testbed.status() == []
     finally:
         testbed.close()
-        import shutil
-
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
