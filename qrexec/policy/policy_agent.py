@@ -113,12 +113,12 @@ async def serve(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise SystemExit(f"qrexec-policy-agent: {exc}") from None
     agent = PolicyAgent(prompter, args.notify_log)
-    connections = ConnectionTracker()
-    server = await start_unix_service(args.socket_path, connections.wrap(agent.handle))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    connections = ConnectionTracker()
+    server = await start_unix_service(args.socket_path, connections.wrap(agent.handle))
     log.info("serving policy.Ask and policy.Notify on %s", args.socket_path)
     try:
         await stop.wait()

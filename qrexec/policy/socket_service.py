@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import itertools
 import logging
 import os
 import stat
@@ -190,28 +191,40 @@ ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Await
 async def start_unix_service(path: str, handler: ConnectionHandler) -> asyncio.Server:
     """Listen on ``path`` with mode 0660, group ``qubes`` when that group exists (spec §8).
 
-    A stale socket file left by a dead process is replaced; any other kind of file at
-    ``path`` is an error (we never delete what is not a socket).
+    The socket is bound, given its mode and listening under a temporary name in the same
+    directory, then renamed into place: whoever sees ``path`` appear (a testbed waiting for
+    it, a client) can connect at once and never meets a socket with the wrong mode. A stale
+    socket left by a dead process is replaced; any other kind of file at ``path`` is an
+    error (we never delete what is not a socket).
     """
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    server = await asyncio.start_unix_server(handler, path, limit=MAX_DESCRIPTOR_BYTES)
-    os.chmod(path, 0o660)
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    temporary = os.path.join(parent, f".sock-{os.getpid()}-{next(_temporary_names)}")
+    remove_socket(temporary)
+    server = await asyncio.start_unix_server(handler, temporary, limit=MAX_DESCRIPTOR_BYTES)
     try:
-        gid = grp.getgrnam("qubes").gr_gid
-    except KeyError:
-        gid = None
-    if gid is not None:
+        os.chmod(temporary, 0o660)
         try:
-            os.chown(path, -1, gid)
-        except PermissionError:
-            log.warning("%s: cannot give the socket to group qubes", path)
+            gid = grp.getgrnam("qubes").gr_gid
+        except KeyError:
+            gid = None
+        if gid is not None:
+            try:
+                os.chown(temporary, -1, gid)
+            except PermissionError:
+                log.warning("%s: cannot give the socket to group qubes", path)
+        os.rename(temporary, path)
+    except BaseException:
+        server.close()
+        remove_socket(temporary)
+        raise
     return server
+
+
+_temporary_names = itertools.count()
 
 
 def remove_socket(path: str) -> None:
