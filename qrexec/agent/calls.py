@@ -34,6 +34,7 @@ from qrexec.agent.service_lookup import (
 )
 from qrexec.agent.users import resolve_user
 from qrexec.backends.base import AsyncStream, Backend
+from qrexec.client.daemon_socket import MAX_UNIX_PATH
 from qrexec.errors import (
     ProtocolError,
     ServiceError,
@@ -295,9 +296,17 @@ async def connect_service_socket(target: ServiceTarget) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = target.path
     sock.setblocking(False)
+    folder = None
+    if isinstance(address, str) and len(os.fsencode(address)) > MAX_UNIX_PATH:
+        # Deep domain roots: reach the socket through an open folder descriptor.
+        folder = os.open(os.path.dirname(address), os.O_RDONLY | os.O_DIRECTORY)
+        address = f"/proc/self/fd/{folder}/{os.path.basename(address)}"
     try:
         await loop.sock_connect(sock, address)
     except OSError as exc:
         sock.close()
         raise ServiceError(f"cannot connect to service {target.path}: {exc}") from None
+    finally:
+        if folder is not None:
+            os.close(folder)
     return sock

@@ -30,6 +30,7 @@ from qrexec.agent.service_lookup import (
     search_path,
 )
 from qrexec.agent.users import RunAs
+from qrexec.client.daemon_socket import connect_unix
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound
 from qrexec.protocol.cmdline import (
     DEFAULT_USER_TOKEN,
@@ -89,7 +90,7 @@ def _relay_socket(target: ServiceTarget, call: RpcCall, *, send_descriptor: bool
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(target.path)
+            connect_unix(sock, target.path)
         except OSError as exc:
             sock.close()
             raise ServiceError(f"cannot connect to {target.path}: {exc}") from None

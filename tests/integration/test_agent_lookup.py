@@ -115,7 +115,7 @@ def test_socket_and_tcp_services(tmp_path: Path) -> None:
     folder = tmp_path / "run/qubes-rpc"
     folder.mkdir(parents=True)
     with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(folder / "sock.Svc"))
+        sock.bind(str(folder / "sock.Svc"))  # short path: tmp_path of a short test name
         assert find(tmp_path, "sock.Svc").kind is ServiceKind.SOCKET
     os.symlink("/dev/tcp/127.0.0.1/8080", folder / "tcp.Full")
     os.symlink("/dev/tcp/::1", folder / "tcp.Host")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from qrexec.daemon.clients import bind_unix
 from tests.integration.conftest import Domain, QrexecSystem
 
 pytestmark = pytest.mark.timeout(60)
@@ -20,9 +21,7 @@ def lingering_service(path: Path, *, reply: bytes, close_after_reply: bool) -> t
 
     Returns an event the test sets to let a lingering service go.
     """
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    server = bind_unix(str(path))
     release = threading.Event()
 
     def run() -> None:

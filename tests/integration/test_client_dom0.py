@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qrexec.daemon.clients import bind_unix
 from tests.integration.conftest import QrexecSystem
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,9 +64,7 @@ def test_local_service_errors(qrexec_system: QrexecSystem, services: Path) -> No
 
 
 def test_local_socket_service(qrexec_system: QrexecSystem, services: Path) -> None:
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(services / "test.Sock"))
-    server.listen(1)
+    server = bind_unix(str(services / "test.Sock"))
     received: list[bytes] = []
 
     def run() -> None:

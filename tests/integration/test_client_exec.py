@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qrexec.daemon.clients import bind_unix
 from tests.integration.conftest import Domain, QrexecSystem
 
 pytestmark = pytest.mark.timeout(120)
@@ -128,9 +129,7 @@ def test_one_line_files_count_only_in_the_2011_directory(
 
 def serve_unix_once(path: Path, reply: bytes) -> tuple[threading.Thread, list[bytes]]:
     """A one-connection unix-socket service that records what it got and answers."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    server = bind_unix(str(path))
     received: list[bytes] = []
 
     def run() -> None:
