@@ -20,16 +20,11 @@ export QREXEC_SIM_BASE="${QREXEC_SIM_BASE:-localbase:bookworm}"
 export QREXEC_SIM_IMAGE="qrexec-sim:ci"
 export DOCKER_BUILDKIT=0 COMPOSE_DOCKER_CLI_BUILD=0
 JOB_START=$(date +%s.%N)
-STEP_START=$JOB_START
 DOCKERD_PID=""
 FAILED=1
 
-step() {
-    local now
-    now=$(date +%s.%N)
-    printf 'compose-job: [%6.1fs] %s\n' "$(echo "$now - $JOB_START" | bc)" "$*"
-    STEP_START=$now
-}
+elapsed() { awk -v now="$(date +%s.%N)" -v start="$JOB_START" 'BEGIN { printf "%6.1f", now - start }'; }
+step() { echo "compose-job: [$(elapsed)s] $*"; }
 pass() { echo "compose-job: PASS $*"; }
 fail() { echo "compose-job: FAIL $*" >&2; exit 1; }
 
@@ -53,8 +48,7 @@ cleanup() {
         echo "compose-job: dockerd (pid $DOCKERD_PID) stopped"
     fi
     if [ "$rc" = 0 ] && [ "$FAILED" = 1 ]; then rc=1; fi
-    printf 'compose-job: total %.1fs, result %s\n' "$(echo "$(date +%s.%N) - $JOB_START" | bc)" \
-        "$([ "$rc" = 0 ] && echo PASS || echo FAIL)"
+    echo "compose-job: total $(elapsed)s, result $([ "$rc" = 0 ] && echo PASS || echo FAIL)"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -64,10 +58,9 @@ trap 'echo "compose-job: interrupted" >&2; exit 1' INT TERM
 
 step "packages"
 need=()
-for pkg in docker.io containerd runc iptables mmdebstrap bc; do
+for pkg in docker.io containerd runc iptables mmdebstrap python3-venv; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
-command -v bc >/dev/null || need+=(bc)
 if [ ${#need[@]} -gt 0 ]; then
     "${APT[@]}" update -qq
     "${APT[@]}" install -y -qq --no-install-recommends "${need[@]}" >"$W/apt.log" 2>&1 \
