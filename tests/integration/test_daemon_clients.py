@@ -288,3 +288,22 @@ def find_process_by_argv(argv: list[str]) -> int:
         except OSError:
             continue
     raise AssertionError("the daemonized qrexec-daemon is not running")
+
+
+def test_startup_nowait_parent_returns_at_once(qrexec_system: QrexecSystem) -> None:
+    env = qrexec_system.env(
+        0, {"QREXEC_STARTUP_NOWAIT": "1", "QREXEC_LOG_DIR": str(qrexec_system.logs)}
+    )
+    argv = daemon_argv(qrexec_system)
+    result = subprocess.run(argv, env=env, timeout=60, check=False)
+    assert result.returncode == 0
+    assert not qrexec_system.daemon_socket(7).exists()
+    child = find_process_by_argv(argv)
+    try:
+        # The background daemon is still waiting for its agent, and serves it once it comes.
+        qrexec_system.start_agent("vm7", 7)
+        qrexec_system.wait_connected(qrexec_system.domains["vm7"])
+        call = qrexec_system.client("vm7", f"{qrexec_system.user}:echo late agent")
+        assert call.stdout == b"late agent\n"
+    finally:
+        os.kill(child, signal.SIGTERM)
