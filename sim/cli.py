@@ -13,8 +13,8 @@ Commands (``qrexec-sim COMMAND --help`` for details)::
     demo                            the README walk-through: up, calls, file copy, down
 
 The run directory (``--run-dir`` or ``$QREXEC_SIM_RUN_DIR``) holds one testbed's state, so
-several testbeds run side by side with different directories. ``container`` and
-``container-health`` are what the containers run; people do not call them.
+several testbeds run side by side with different directories. ``container`` is what
+the containers run; people do not call it.
 """
 
 from __future__ import annotations
@@ -184,12 +184,6 @@ def cmd_container(args: argparse.Namespace) -> int:
     return container.run_vm(topology, args.role)
 
 
-def cmd_container_health(args: argparse.Namespace) -> int:
-    from qrexec.sim import container
-
-    return 0 if container.healthy(_topology(args.topology), args.role) else 1
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from qrexec.sim.demo import run_demo
 
@@ -253,10 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology")
     p.set_defaults(func=cmd_container)
 
-    p = sub.add_parser("container-health", help=argparse.SUPPRESS)
-    p.add_argument("role")
-    p.add_argument("--topology")
-    p.set_defaults(func=cmd_container_health)
     return parser
 
 

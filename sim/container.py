@@ -31,12 +31,12 @@ import socket
 import socketserver
 import sys
 import threading
-import time
 import uuid as uuid_mod
 from pathlib import Path
 from types import FrameType
 
 from qrexec.sim import processes, roots
+from qrexec.sim.compose import AGENT_PID_FILE as AGENT_PID_PATH
 from qrexec.sim.compose import POWER_DIR, slot_names
 from qrexec.sim.processes import ProcessRecord
 from qrexec.sim.qubesd import AdminApi, AdminServer
@@ -55,7 +55,7 @@ POWER_TIMEOUT = 60.0
 START_TIMEOUT = 60.0
 USER_UID = 1000
 #: Written by a VM's supervisor while its agent runs (the healthcheck reads it).
-AGENT_PID_FILE = Path("/run/qubes-sim/agent.pid")
+AGENT_PID_FILE = Path(AGENT_PID_PATH)
 
 
 def ensure_user(name: str, uid: int = USER_UID) -> None:
@@ -391,34 +391,3 @@ class Dom0Supervisor:
             records = [d.record for d in self.domains.values() if d.record is not None]
             processes.stop([*records, self.policy])
         return 0
-
-
-def healthy(topology: Topology, role: str) -> bool:
-    """The healthcheck: dom0 is healthy once every running VM's daemon has its agent's
-    HELLO; a VM once its power supervisor (and, if running, its agent) listens."""
-    if role == "dom0":
-        if not Path("/run/qubes/policy.sock").exists():
-            return False
-        return all(
-            (DAEMON_SOCKET_DIR / f"qrexec.{d.name}").exists() for d in topology.vms if d.running
-        )
-    if not power_socket().exists():
-        return False
-    slot = role in dict(slot_names(topology))
-    if not slot and topology.domain(role).running:
-        try:
-            pid, ticks = (int(x) for x in AGENT_PID_FILE.read_text().split())
-        except (OSError, ValueError):
-            return False
-        return processes.start_ticks(pid) == ticks
-    return True
-
-
-def wait_healthy(topology: Topology, role: str, timeout: float) -> bool:
-    """Poll :func:`healthy` (for scripts that have no compose healthcheck)."""
-    deadline = time.monotonic() + timeout
-    while not healthy(topology, role):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
