@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from collections.abc import Callable
@@ -43,9 +44,21 @@ def test_author_puts_a_program_in_the_vm_and_uses_a_2011_service_file(
 
 
 @pytest.mark.qrexec_topology(EXAMPLE)
-def test_marker_selects_a_topology_file(qrexec_testbed: RunningTestbed) -> None:
+def test_marker_selects_a_topology_file_and_the_example_works(
+    qrexec_testbed: RunningTestbed,
+) -> None:
     assert qrexec_testbed.running_domains() == ["dom0", "work"]
     assert (qrexec_testbed.root("vault") / "etc/qubes/rpc-config/example.Sign").exists()
+    signed = qrexec_testbed.call("work", "vault", "example.Sign", b"message\n")
+    digest = hashlib.sha256(b"message\n").hexdigest()
+    assert (signed.returncode, signed.text) == (0, f"signed by vault: {digest}\n")
+    assert "vault" in qrexec_testbed.running_domains()  # autostarted by the call
+    assert qrexec_testbed.audit()[-1]["result"] == "ask-allowed"
+    hello = qrexec_testbed.call("work", "@default", "example.Hello")
+    assert hello.text == "hello work, this is dom0\n"
+    disp = qrexec_testbed.call("work", "@dispvm", "example.Hello")
+    assert disp.text == "hello work, this is a disposable\n"
+    assert qrexec_testbed.call("vault", "vault", "example.Sign").returncode == 126
 
 
 class TestOverriddenTopologyFixture:
