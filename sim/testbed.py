@@ -28,6 +28,7 @@ import uuid as uuid_mod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from qrexec.errors import QrexecError
 from qrexec.sim import processes, roots
 from qrexec.sim.processes import ProcessRecord
 from qrexec.sim.rundir import DomainState, RunDir, State
@@ -47,7 +48,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-class TestbedError(RuntimeError):
+class TestbedError(QrexecError):
     """The testbed could not be started, or a command was given in the wrong state."""
 
 
