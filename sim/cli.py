@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the testbed's state directory (default $QREXEC_SIM_RUN_DIR or %(default)s)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="start the testbed")
     p.add_argument("--topology", help="topology file (default: the packaged default)")
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README walk-through")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("container", help=argparse.SUPPRESS)
+    p = sub.add_parser("container")  # what the containers run; not listed
     p.add_argument("role")
     p.add_argument("--topology")
     p.set_defaults(func=cmd_container)
