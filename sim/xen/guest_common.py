@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -51,6 +52,30 @@ def setup_logging(config: dict[str, Any]) -> None:
     )
     if config.get("debug"):
         logging.getLogger("qrexec.backends").setLevel(logging.DEBUG)
+
+
+def run_streaming(
+    argv: list[str], env: dict[str, str], prefix: str, timeout: float
+) -> tuple[int, list[str]]:
+    """Run a program, copying its output lines to our console as they come.
+
+    Returns (exit status, output lines); a program still running after ``timeout`` is
+    killed (status -9), keeping what it printed.
+    """
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"{prefix}{line}", end="", flush=True)
+        return proc.wait(), lines
+    finally:
+        timer.cancel()
 
 
 def load_config() -> dict[str, Any]:

@@ -29,6 +29,7 @@ from qrexec.errors import TransportBroken, TransportError
 from qrexec.sim.xen import guest_common as gc
 from qrexec.sim.xen import guest_qrexec
 from qrexec.sim.xen.guest_domu import (
+    CONFORMANCE_BULK_MIB,
     CONFORMANCE_PORTS,
     CONFORMANCE_RUNNER,
     PORT_ASYNC,
@@ -167,7 +168,7 @@ class Dom0Job:
     def conformance(self, face: str) -> str:
         """Side a of the cross-domain conformance suite here, side b in vm1 (see domU)."""
         vm1 = self.domids["vm1"]
-        proc = subprocess.run(
+        rc, lines = gc.run_streaming(
             [
                 sys.executable,
                 str(CONFORMANCE_RUNNER),
@@ -176,26 +177,22 @@ class Dom0Job:
                 f"--face={face}",
                 "--transport=vchan",
                 f"--base-port={CONFORMANCE_PORTS[face]}",
-                f"--bulk-mib={max(1, self.total >> 20)}",
+                f"--bulk-mib={CONFORMANCE_BULK_MIB}",
             ],
-            env=dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            check=False,
-            timeout=float(self.config.get("check_timeout", CHECK_TIMEOUT)) - 10,
+            dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
+            "",
+            float(self.config.get("check_timeout", CHECK_TIMEOUT)) - 10,
         )
-        sys.stdout.write(proc.stdout)
-        done = [line for line in proc.stdout.splitlines() if "CONFORMANCE a DONE" in line]
-        mine = done[-1].split("DONE", 1)[1].strip() if done else f"no summary rc={proc.returncode}"
+        done = [line for line in lines if "CONFORMANCE a DONE" in line]
+        mine = done[-1].split("DONE", 1)[1].strip() if done else f"no summary rc={rc}"
         node = f"/local/domain/{vm1}/data/qrexec-job/conformance-{face}"
         deadline = time.monotonic() + 60
         with XenStore() as xs:
             while (theirs := xs.read(node)) is None and time.monotonic() < deadline:
                 time.sleep(0.5)
         peer = theirs.decode(errors="replace") if theirs else "vm1 reported nothing"
-        if proc.returncode != 0 or not peer.startswith("rc=0 "):
-            raise CheckFailed(f"dom0 side: {mine} (rc={proc.returncode}); vm1 side: {peer}")
+        if rc != 0 or not peer.startswith("rc=0 "):
+            raise CheckFailed(f"dom0 side: {mine} (rc={rc}); vm1 side: {peer}")
         return f"dom0 (side a) {mine}; vm1 (side b) {peer.removeprefix('rc=0 ')}"
 
     def check_conformance_blocking(self) -> str:
