@@ -49,13 +49,17 @@ def run_command(template: str, name: str, domid: int) -> None:
 
 
 def sync(known: dict[str, int], now: dict[str, int], start: str, stop: str) -> None:
-    """Run the start/stop commands for the difference between two snapshots."""
+    """Run the stop/start commands for the difference between two snapshots.
+
+    A domain whose id changed (destroyed and re-created between two looks) is stopped
+    and started again, so its daemon serves the new domain id.
+    """
+    for name, domid in sorted(known.items()):
+        if now.get(name) != domid:
+            run_command(stop, name, domid)
     for name, domid in sorted(now.items()):
         if known.get(name) != domid:
             run_command(start, name, domid)
-    for name, domid in sorted(known.items()):
-        if name not in now:
-            run_command(stop, name, domid)
 
 
 def watch(start: str, stop: str, once: bool = False) -> None:

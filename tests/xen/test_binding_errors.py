@@ -142,3 +142,18 @@ def test_xenstore_wrapper_reports_missing_xenstored() -> None:
 
     with pytest.raises(TransportUnavailable, match="xs_open failed"):
         XenStore()
+
+
+def test_blocking_face_does_not_import_asyncio() -> None:
+    code = (
+        "import sys\n"
+        "from qrexec.backends.vchan import VchanBackend\n"
+        "backend = VchanBackend(own_domain=3)\n"
+        "try:\n"
+        "    backend.listen(0, 600)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "print('asyncio' in sys.modules)\n"
+    )
+    proc = run_python(code)
+    assert proc.stdout.split() == ["TransportError", "False"], proc.stderr
