@@ -75,7 +75,8 @@ class AsyncVchanStream:
             self._ring.acknowledge_event()
         except TransportError as exc:
             log.warning("vchan %d/%d: %s", self.remote_domain, self.port, exc)
-            self._broken = True
+            self._broken = True  # no more events can be waited for: end both directions
+            self._eof = True
         self._pump()
 
     def _pump(self) -> None:
@@ -99,10 +100,10 @@ class AsyncVchanStream:
                 del self._send_buf[:written]
             else:
                 break
-        if ring.is_open() == DISCONNECTED:
-            self._eof = True
-            if self._send_buf:
-                self._broken = True
+        # End of stream comes only from read() (the peer closed or died *and* the ring is
+        # empty): bytes the peer wrote before closing stay readable after it left.
+        if self._send_buf and ring.is_open() == DISCONNECTED:
+            self._broken = True
         self._changed.set()
         if self._closed and (not self._send_buf or self._broken):
             self._close_ring()
@@ -116,8 +117,7 @@ class AsyncVchanStream:
         if self._ring_closed:
             return
         if not self._ring.peer_alive(self._liveness):
-            self._broken = True
-            self._eof = True
+            self._broken = True  # sending is over; reading drains the ring, then ends
         self._pump()
         if not self._ring_closed:
             self._arm_liveness()
@@ -156,7 +156,7 @@ class AsyncVchanStream:
                 del self._recv_buf[:max_bytes]
                 self._pump()  # room again: refill from the ring
                 return chunk
-            if self._eof or self._broken:
+            if self._eof:
                 return b""
             await self._wait_change()
 

@@ -145,3 +145,24 @@ def test_async_send_waits_while_peer_does_not_read() -> None:
         return got
 
     assert asyncio.run(main()) == 2 << 20
+
+
+def test_async_peer_close_keeps_unread_ring_data() -> None:
+    """Bytes still in the ring when the peer closes are delivered before end of stream."""
+    size = 64 * 1024 + 256 * 1024 + 64 * 1024  # ring + reader's buffer + writer's buffer
+
+    async def main() -> bytes:
+        a_ring, b_ring = ring_pair(65536)
+        a = AsyncVchanStream(a_ring)  # type: ignore[arg-type]
+        b = AsyncVchanStream(b_ring)  # type: ignore[arg-type]
+        await a.send(payload(5)[:size])
+        a.close()  # the last 64 KiB are still waiting in a's buffer: flushed after close
+        await asyncio.sleep(0.1)
+        received = bytearray()
+        while chunk := await b.recv(4096):
+            received += chunk
+            await asyncio.sleep(0)  # let a's flush and close interleave with our reads
+        b.close()
+        return bytes(received)
+
+    assert asyncio.run(main()) == payload(5)[:size]
