@@ -146,6 +146,7 @@ class CallRunner:
                     command.command, run_as, settings.env, settings.agent_pid
                 )
             elif prepared.target is not None and prepared.target.kind is ServiceKind.EXECUTABLE:
+                check_executable(prepared.target.argv[0])
                 prepared.spec = service_spec(
                     prepared.target.argv,
                     prepared.rpc,
@@ -281,6 +282,15 @@ class CallRunner:
             exit_on_client_eof=config.exit_on_client_eof,
             exit_on_service_eof=config.exit_on_service_eof,
         )
+
+
+def check_executable(program: str) -> None:
+    """Fail with 125 before starting anything when ``program`` cannot be executed.
+
+    The ``sh -l`` wrapper of a root agent would otherwise turn this into the shell's 126.
+    """
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        raise ServiceError(f"service program {program} is missing or not executable")
 
 
 async def connect_service_socket(target: ServiceTarget) -> socket.socket:

@@ -83,7 +83,7 @@ def shell_command_spec(
     env = clean_environment(base)
     env.update(run_as.login_environment())
     env["QREXEC_AGENT_PID"] = str(agent_pid)
-    if run_as.switch:
+    if run_as.login:
         shell = run_as.shell
         login_name = "-" + os.path.basename(shell)
         return ProcessSpec((login_name, "-c", command), env, run_as, executable=shell)
@@ -99,9 +99,9 @@ def service_spec(
     *,
     in_dom0: bool = False,
 ) -> ProcessSpec:
-    """An executable service as a process (wrapped in ``sh -l`` when switching users)."""
+    """An executable service as a process (wrapped in ``sh -l`` by a root agent)."""
     env = service_environment(base, call, run_as, agent_pid, in_dom0=in_dom0)
-    if run_as.switch:
+    if run_as.login:
         return ProcessSpec((*LOGIN_WRAPPER, *argv), env, run_as)
     return ProcessSpec(tuple(argv), env, run_as)
 

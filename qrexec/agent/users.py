@@ -32,7 +32,8 @@ class RunAs:
     """The identity and login environment of one call.
 
     ``switch`` is False when the process keeps the agent's identity (test mode, or a root
-    agent running a call for root).
+    agent running a call for root). ``login`` is True for a root agent: its calls get a
+    login shell / the ``sh -l`` wrapper, whoever they run as; test mode execs directly.
     """
 
     name: str
@@ -42,6 +43,7 @@ class RunAs:
     home: str
     shell: str
     switch: bool
+    login: bool = False
 
     def login_environment(self) -> dict[str, str]:
         return {"HOME": self.home, "SHELL": self.shell, "USER": self.name, "LOGNAME": self.name}
@@ -80,6 +82,7 @@ def resolve_user(requested: str, root: DomainRoot, env: Mapping[str, str] | None
             home,
             entry.pw_shell or "/bin/sh",
             switch,
+            login=True,
         )
     if not root.is_real:
         ensure_home(run_as)
