@@ -16,8 +16,9 @@ from qrexec.policy.builder import DirEntry, build_policy
 from qrexec.policy.paths import PolicyPaths
 from qrexec.policy.policy import Policy
 
-#: Per path: (mtime_ns, size, inode, mode) or None when missing.
-Fingerprint = tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+#: Per path: (mtime_ns, ctime_ns, size, inode, mode), or None when it is missing.
+Stamp = tuple[int, int, int, int, int] | None
+Fingerprint = tuple[tuple[str, Stamp], ...]
 
 
 class FilesystemStore:
@@ -43,15 +44,26 @@ def _is_regular(entry: os.DirEntry[str]) -> bool:
 
 
 def fingerprint(paths: Iterable[str]) -> Fingerprint:
-    """Stat of every path (None if missing): equal fingerprints mean nothing changed."""
-    result: list[tuple[str, tuple[int, int, int, int] | None]] = []
+    """Stat of every path (None if missing): equal fingerprints mean nothing changed.
+
+    The ctime moves with any change to the inode (a chmod, an edit that keeps the mtime),
+    the inode with a file replaced by a rename.
+    """
+    result: list[tuple[str, Stamp]] = []
     for path in sorted(paths):
         try:
             st = os.stat(path)
-            result.append((path, (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)))
         except OSError:
             result.append((path, None))
+            continue
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)
+        result.append((path, stamp))
     return tuple(result)
+
+
+def newest_change(fp: Fingerprint) -> int:
+    """The newest mtime or ctime (ns) in a fingerprint; 0 when every path is missing."""
+    return max((max(s[0], s[1]) for _, s in fp if s is not None), default=0)
 
 
 def load_policy(paths: PolicyPaths) -> Policy:

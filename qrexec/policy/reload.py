@@ -2,13 +2,13 @@
 
 Upstream reloads on inotify events; the standard library has no inotify, and a dependency
 for it buys little here. Instead every :meth:`ReloadingPolicy.get_policy` call (i.e. every
-request) takes a *fingerprint* of the files and directories the loaded policy was read from
-(``Policy.sources``, which includes directories and files that were looked for and missing):
-``(mtime_ns, ctime_ns, size, inode)`` per path, ``None`` for a missing one. A directory's
-mtime moves when a file is added, removed or renamed in it, so new policy files are seen
-too. Cost: one ``stat`` per source per request (a few µs each), no threads, no polling
-while idle, and a change is seen by the very next request — which is what tests and users
-expect after an edit.
+request) takes a *fingerprint* (:func:`qrexec.policy.fs_loader.fingerprint`, one ``stat``
+per path) of the files and directories the loaded policy was read from (``Policy.sources``,
+which includes directories and files that were looked for and missing). A directory's mtime
+moves when a file is added, removed or renamed in it, so new policy files are seen too.
+Cost: one ``stat`` per source per request (a few µs each), no threads, no polling while
+idle, and a change is seen by the very next request — which is what tests and users expect
+after an edit.
 
 The one trap is timestamp granularity: the kernel stamps files from a coarse clock, so two
 edits of the same size within one tick look identical. Like git's "racily clean" rule, a
@@ -22,11 +22,11 @@ error is logged once per change, loudly, and again (as "fixed") once a later edi
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
+from qrexec.policy.fs_loader import Fingerprint, fingerprint, newest_change
 from qrexec.policy.policy import Policy
 
 log = logging.getLogger(__name__)
@@ -34,27 +34,9 @@ log = logging.getLogger(__name__)
 #: Modifications younger than this may share a timestamp with the next edit.
 RACY_SECONDS: Final = 1.0
 
-Stamp = tuple[int, int, int, int] | None
-Fingerprint = tuple[tuple[str, Stamp], ...]
-
 
 class PolicySource(Protocol):
     def get_policy(self) -> Policy: ...
-
-
-def fingerprint(paths: Iterable[str]) -> tuple[Fingerprint, int]:
-    """The fingerprint of ``paths`` and the newest mtime (ns) among them."""
-    out: list[tuple[str, Stamp]] = []
-    newest = 0
-    for path in sorted(paths):
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append((path, None))
-            continue
-        out.append((path, (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)))
-        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
-    return tuple(out), newest
 
 
 class ReloadingPolicy:
@@ -71,18 +53,17 @@ class ReloadingPolicy:
         return policy.sources | self._extra
 
     def get_policy(self) -> Policy:
-        if self._policy is not None:
-            current, _ = fingerprint(self._paths(self._policy))
-            if current == self._fingerprint:
-                return self._policy
+        if self._policy is not None and fingerprint(self._paths(self._policy)) == self._fingerprint:
+            return self._policy
         before = self._paths(self._policy) if self._policy is not None else frozenset()
-        pre, _ = fingerprint(before)
+        pre = fingerprint(before)
         policy = self._load()
         after = self._paths(policy)
         # Fingerprint taken *before* reading, when the set of files is unchanged: an edit
         # that races with the load then still differs next time and triggers a reload.
-        fp, newest = (pre, fingerprint(after)[1]) if after == before else fingerprint(after)
-        racy = time.time_ns() - newest < RACY_SECONDS * 1e9
+        current = fingerprint(after)
+        fp = pre if after == before else current
+        racy = time.time_ns() - newest_change(current) < RACY_SECONDS * 1e9
         self._fingerprint = None if racy else fp
         self._report(policy)
         self._policy = policy

@@ -87,9 +87,9 @@ def test_racy_fingerprints_are_not_trusted(tmp_path: Path, monkeypatch: pytest.M
     """Two same-size edits within one timestamp tick give equal fingerprints; while the
     newest source is younger than RACY_SECONDS the policy is re-read anyway."""
     source, loads, path = _counted_policy(tmp_path)
-    stamp = ((str(path), (1, 1, 26, 7)),)
     newest = 10**18
-    monkeypatch.setattr("qrexec.policy.reload.fingerprint", lambda paths: (stamp, newest))
+    stamp = ((str(path), (newest, newest, 26, 7, 0o100644)),)
+    monkeypatch.setattr("qrexec.policy.reload.fingerprint", lambda paths: stamp)
     monkeypatch.setattr("qrexec.policy.reload.time.time_ns", lambda: newest + 1000)
     assert source.get_policy().rules[0].service == "a.B"
     path.write_text("a.C * work personal allow\n")  # same size, "same" fingerprint
