@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import os
 import subprocess
 import sys
@@ -27,15 +28,8 @@ from qrexec.backends.vchan_ring import vchan_path
 from qrexec.backends.xenstore import XenStore
 from qrexec.errors import TransportBroken, TransportError
 from qrexec.sim.xen import guest_common as gc
-from qrexec.sim.xen import guest_qrexec
-from qrexec.sim.xen.guest_domu import (
-    CONFORMANCE_BULK_MIB,
-    CONFORMANCE_PORTS,
-    CONFORMANCE_RUNNER,
-    PORT_ASYNC,
-    PORT_BLOCKING,
-    PORT_HOLD,
-)
+from qrexec.sim.xen import guest_conformance, guest_qrexec
+from qrexec.sim.xen.guest_domu import PORT_ASYNC, PORT_BLOCKING, PORT_HOLD
 
 
 class CheckFailed(Exception):
@@ -165,41 +159,25 @@ class Dom0Job:
         gc.marker("METRIC", "vchan-async-throughput", f"{rate:.1f}", "MB/s")
         return f"2x{self.total >> 20} MiB sha256 ok (domU server), {rate:.1f} MB/s"
 
-    def conformance(self, face: str) -> str:
-        """Side a of the cross-domain conformance suite here, side b in vm1 (see domU)."""
+    def conformance(self, name: str) -> str:
+        """dom0's half of a conformance run; vm1 runs the other (see guest_conformance)."""
         vm1 = self.domids["vm1"]
-        rc, lines = gc.run_streaming(
-            [
-                sys.executable,
-                str(CONFORMANCE_RUNNER),
-                "--side=a",
-                f"--peer-domain={vm1}",
-                f"--face={face}",
-                "--transport=vchan",
-                f"--base-port={CONFORMANCE_PORTS[face]}",
-                f"--bulk-mib={CONFORMANCE_BULK_MIB}",
-            ],
-            dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
-            "",
-            float(self.config.get("check_timeout", CHECK_TIMEOUT)) - 10,
-        )
-        done = [line for line in lines if "CONFORMANCE a DONE" in line]
-        mine = done[-1].split("DONE", 1)[1].strip() if done else f"no summary rc={rc}"
-        node = f"/local/domain/{vm1}/data/qrexec-job/conformance-{face}"
+        run = guest_conformance.RUNS[name]
+        side = "a" if run.domu_side == "b" else "b"
+        timeout = float(self.config.get("check_timeout", CHECK_TIMEOUT)) - 10
+        rc, mine, failed = guest_conformance.run_half(name, side, vm1, timeout)
+        node = f"/local/domain/{vm1}/{guest_conformance.RESULT_NODE}/{name}"
         deadline = time.monotonic() + 60
         with XenStore() as xs:
             while (theirs := xs.read(node)) is None and time.monotonic() < deadline:
                 time.sleep(0.5)
-        peer = theirs.decode(errors="replace") if theirs else "vm1 reported nothing"
+        peer = theirs.decode(errors="replace").strip() if theirs else "vm1 reported nothing"
         if rc != 0 or not peer.startswith("rc=0 "):
-            raise CheckFailed(f"dom0 side: {mine} (rc={rc}); vm1 side: {peer}")
-        return f"dom0 (side a) {mine}; vm1 (side b) {peer.removeprefix('rc=0 ')}"
-
-    def check_conformance_blocking(self) -> str:
-        return self.conformance("blocking")
-
-    def check_conformance_asyncio(self) -> str:
-        return self.conformance("asyncio")
+            raise CheckFailed(f"dom0 side {side}: {mine} {failed} (rc={rc}); vm1: {peer}")
+        return (
+            f"{run.face} face, server in {'dom0' if side == 'a' else 'vm1'}: dom0 {mine}; "
+            f"vm1 {peer.removeprefix('rc=0 ')}"
+        )
 
     def check_vchan_peer_death(self) -> str:
         vm2 = self.domids["vm2"]
@@ -238,10 +216,10 @@ class Dom0Job:
             "vchan-identity": self.check_vchan_identity,
             "vchan-blocking": self.check_vchan_blocking,
             "vchan-async": self.check_vchan_async,
-            "conformance-blocking": self.check_conformance_blocking,
-            "conformance-asyncio": self.check_conformance_asyncio,
             "vchan-peer-death": self.check_vchan_peer_death,
         }
+        for name in guest_conformance.RUNS:
+            table[name] = functools.partial(self.conformance, name)
         table.update(self.qrexec.table())
         return table
 

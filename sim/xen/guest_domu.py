@@ -5,6 +5,7 @@ in the job configuration (``domu_steps``):
 
 * ``raw-blocking``: vchan client of dom0 (port 9001), blocking face, bulk exchange + ping;
 * ``raw-async``: vchan server for dom0 (port 9002), asyncio face, bulk exchange;
+* ``conformance-*``: this domain's half of a conformance run (:mod:`guest_conformance`);
 * ``services``: install the job's qrexec services (seed ``test.Add``, bulk source...);
 * ``agent``: start ``qrexec-agent`` pinned to the vchan transport;
 * ``hold``: connect to dom0 (port 9010) and read until the stream ends (dom0 then
@@ -26,15 +27,12 @@ from pathlib import Path
 from qrexec.backends.vchan import VchanBackend
 from qrexec.backends.xenstore import XenStore
 from qrexec.sim.xen import guest_common as gc
+from qrexec.sim.xen import guest_conformance
 from qrexec.sim.xen.guest_services import install_domu_services
 
 PORT_BLOCKING = 9001
 PORT_ASYNC = 9002
 PORT_HOLD = 9010
-CONFORMANCE_RUNNER = Path("/opt/qrexec-py/tests/conformance/cross_domain.py")
-CONFORMANCE_PORTS = {"blocking": 1100, "asyncio": 1200}
-#: The suite's own bulk scenario (the raw checks already move 32 MiB each way).
-CONFORMANCE_BULK_MIB = 8
 
 
 def raw_blocking(backend: VchanBackend, total: int) -> None:
@@ -61,32 +59,16 @@ async def raw_async(backend: VchanBackend, total: int) -> None:
     gc.marker("DOMU-STEP", "raw-async", "ok" if verdict.ok else f"FAIL {verdict.error}")
 
 
-def conformance(face: str, base_port: int, total_mib: int, timeout: float) -> None:
-    """Run side b of the cross-domain conformance suite; publish the result in xenstore."""
-    rc, lines = gc.run_streaming(
-        [
-            sys.executable,
-            str(CONFORMANCE_RUNNER),
-            "--side=b",
-            "--peer-domain=0",
-            f"--face={face}",
-            "--transport=vchan",
-            f"--base-port={base_port}",
-            f"--bulk-mib={total_mib}",
-        ],
-        dict(os.environ, PYTHONPATH="/opt/qrexec-py", QREXEC_TRANSPORT="vchan"),
-        "",
-        timeout,
-    )
-    done = [line for line in lines if "CONFORMANCE b DONE" in line]
-    summary = done[-1].split("DONE", 1)[1].strip() if done else f"no summary, rc={rc}"
-    failed = [line for line in lines if "CONFORMANCE b FAIL" in line]
+def conformance(name: str, timeout: float) -> None:
+    """Run this domain's half of a conformance run; publish the result in xenstore."""
+    run = guest_conformance.RUNS[name]
+    rc, summary, failed = guest_conformance.run_half(name, run.domu_side, 0, timeout)
     with XenStore() as xs:
         xs.write(
-            f"data/qrexec-job/conformance-{face}",
-            f"rc={rc} {summary} {' | '.join(failed)}"[:2000].encode(),
+            f"{guest_conformance.RESULT_NODE}/{name}",
+            f"rc={rc} {summary} {failed}"[:2000].encode(),
         )
-    gc.marker("DOMU-STEP", f"conformance-{face}", f"rc={rc} {summary}")
+    gc.marker("DOMU-STEP", name, f"rc={rc} {summary}")
 
 
 def start_agent() -> subprocess.Popen[bytes]:
@@ -129,14 +111,8 @@ def main() -> int:
                 raw_blocking(backend, total)
             elif step == "raw-async":
                 asyncio.run(raw_async(backend, total))
-            elif step.startswith("conformance-"):
-                face = step.removeprefix("conformance-")
-                conformance(
-                    face,
-                    CONFORMANCE_PORTS[face],
-                    CONFORMANCE_BULK_MIB,
-                    float(config.get("check_timeout", 420)),
-                )
+            elif step in guest_conformance.RUNS:
+                conformance(step, float(config.get("check_timeout", 420)))
             elif step == "services":
                 install_domu_services(name)
             elif step == "agent":

@@ -32,6 +32,8 @@ RAW_CHECKS = [
     "vchan-async",
     "conformance-blocking",
     "conformance-asyncio",
+    "conformance-domu-server-blocking",
+    "conformance-domu-server-asyncio",
 ]
 QREXEC_CHECKS = [
     "qrexec-setup",
