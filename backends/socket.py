@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Literal
 
 from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
 from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
+from qrexec.unix_address import unix_address
 
 if TYPE_CHECKING:
     from qrexec.backends.socket_async import AsyncSocketListener, AsyncSocketStream
@@ -63,10 +64,6 @@ LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 #: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
 MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
-#: ``sun_path`` holds 108 bytes including the terminating NUL; longer paths are reached
-#: through /proc/self/fd (see ``_addressable``).
-MAX_SOCKET_PATH = 107
-
 #: Client retry back-off: start short (a server usually appears within milliseconds), double,
 #: cap so that a long wait costs a few wake-ups per second, not a busy loop.
 CONNECT_RETRY_FIRST = 0.001
@@ -220,29 +217,22 @@ class SocketStream:
 
 @contextlib.contextmanager
 def _addressable(path: Path) -> Iterator[str]:
-    """An AF_UNIX address for ``path``, even when it is longer than ``sun_path`` allows.
-
-    Long paths (deep test directories, say) go through ``/proc/self/fd/<dir fd>/<name>``,
-    which the kernel resolves to the same directory; the file name itself stays short.
-    """
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
-        yield os.fspath(path)
-        return
-    try:
-        directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise  # no directory yet: a connecting client keeps waiting
-    except OSError as exc:
-        raise TransportUnavailable(
-            f"cannot open vchan socket directory {path.parent}: {exc}"
-        ) from exc
-    try:
-        address = f"/proc/self/fd/{directory}/{path.name}"
-        if len(os.fsencode(address)) > MAX_SOCKET_PATH:
-            raise TransportUnavailable(f"vchan socket name too long for AF_UNIX: {path.name}")
+    """An AF_UNIX address for ``path``, even when it is longer than ``sun_path`` allows
+    (:func:`qrexec.unix_address.unix_address`), with its failures as transport errors."""
+    with contextlib.ExitStack() as stack:
+        try:
+            address = stack.enter_context(unix_address(path))
+        except FileNotFoundError:
+            raise  # no directory yet: a connecting client keeps waiting
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise TransportUnavailable(
+                    f"vchan socket name too long for AF_UNIX: {path.name}"
+                ) from exc
+            raise TransportUnavailable(
+                f"cannot open vchan socket directory {path.parent}: {exc}"
+            ) from exc
         yield address
-    finally:
-        os.close(directory)
 
 
 class BoundSocket:

@@ -34,7 +34,6 @@ from qrexec.agent.service_lookup import (
 )
 from qrexec.agent.users import resolve_user
 from qrexec.backends.base import AsyncStream, Backend
-from qrexec.client.daemon_socket import MAX_UNIX_PATH
 from qrexec.errors import (
     ProtocolError,
     ServiceError,
@@ -51,6 +50,7 @@ from qrexec.protocol.cmdline import (
 )
 from qrexec.protocol.constants import ExitCode, MsgType
 from qrexec.protocol.messages import ExecRequest
+from qrexec.unix_address import unix_address
 
 log = logging.getLogger(__name__)
 
@@ -306,17 +306,14 @@ async def connect_service_socket(target: ServiceTarget) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = target.path
     sock.setblocking(False)
-    folder = None
-    if isinstance(address, str) and len(os.fsencode(address)) > MAX_UNIX_PATH:
-        # Deep domain roots: reach the socket through an open folder descriptor.
-        folder = os.open(os.path.dirname(address), os.O_RDONLY | os.O_DIRECTORY)
-        address = f"/proc/self/fd/{folder}/{os.path.basename(address)}"
     try:
-        await loop.sock_connect(sock, address)
+        if isinstance(address, str):
+            # Deep domain roots give paths longer than a sockaddr_un holds.
+            with unix_address(address) as reachable:
+                await loop.sock_connect(sock, reachable)
+        else:
+            await loop.sock_connect(sock, address)
     except OSError as exc:
         sock.close()
         raise ServiceError(f"cannot connect to service {target.path}: {exc}") from None
-    finally:
-        if folder is not None:
-            os.close(folder)
     return sock

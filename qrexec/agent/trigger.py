@@ -55,6 +55,7 @@ from qrexec.protocol.messages import (
     TriggerService4,
     decode_payload,
 )
+from qrexec.unix_address import unix_address
 
 if TYPE_CHECKING:
     from qrexec.agent.control import Agent
@@ -94,21 +95,14 @@ class Waiter:
 def bind_unix(path: str) -> socket.socket:
     """A listening unix socket at ``path`` (a stale socket file there is replaced).
 
-    Paths longer than a sockaddr_un holds (deep test folders) are reached through the
-    folder's ``/proc/self/fd`` entry.
+    Paths longer than a sockaddr_un holds (deep test folders) work too.
     """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if len(os.fsencode(path)) <= 107:
-            sock.bind(path)
-        else:
-            folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                sock.bind(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
-            finally:
-                os.close(folder)
+        with unix_address(path) as address:
+            sock.bind(address)
         # Any user of the VM may call qrexec-client-vm (upstream creates it 0666).
         os.chmod(path, 0o666)
         sock.listen(128)

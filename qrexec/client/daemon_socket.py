@@ -19,6 +19,7 @@ from qrexec.protocol.constants import CLIENT_SOCKET_PROTOCOL_VERSION, MsgType
 from qrexec.protocol.framing import read_message
 from qrexec.protocol.messages import ExecParams, Hello, Message, encode
 from qrexec.protocol.negotiation import negotiate_client_socket
+from qrexec.unix_address import unix_address
 
 DEFAULT_SOCKET_DIR = "/var/run/qubes"
 SOCKET_DIR_ENV = "QREXEC_DAEMON_SOCKET_DIR"
@@ -34,24 +35,10 @@ def daemon_socket_path(socket_dir: str, dest: str) -> str:
     return os.path.join(socket_dir, f"qrexec.{dest}")
 
 
-#: Longest path a sockaddr_un holds (108 bytes with the NUL).
-MAX_UNIX_PATH = 107
-
-
 def connect_unix(sock: socket.socket, path: str) -> None:
-    """``connect`` that also works for paths longer than a sockaddr_un holds.
-
-    Such paths happen with deep socket folders (test and testbed run folders): the
-    folder is opened and reached through ``/proc/self/fd``.
-    """
-    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
-        sock.connect(path)
-        return
-    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        sock.connect(f"/proc/self/fd/{folder}/{os.path.basename(path)}")
-    finally:
-        os.close(folder)
+    """``connect`` that also works for paths longer than a sockaddr_un holds."""
+    with unix_address(path) as address:
+        sock.connect(address)
 
 
 class DaemonConnection:

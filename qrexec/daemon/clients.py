@@ -33,7 +33,6 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
-from qrexec.client.daemon_socket import MAX_UNIX_PATH
 from qrexec.daemon.ports import is_data_port
 from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError
 from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
@@ -52,6 +51,7 @@ from qrexec.protocol.messages import (
     encode,
 )
 from qrexec.protocol.negotiation import negotiate_client_socket
+from qrexec.unix_address import unix_address
 
 if TYPE_CHECKING:
     from qrexec.daemon.core import Daemon
@@ -76,11 +76,8 @@ def bind_unix(path: str) -> socket.socket:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary, dir_fd=folder_fd)
-            full = os.path.join(folder, temporary)
-            if len(os.fsencode(full)) <= MAX_UNIX_PATH:
-                sock.bind(full)
-            else:
-                sock.bind(f"/proc/self/fd/{folder_fd}/{temporary}")
+            with unix_address(os.path.join(folder, temporary)) as address:
+                sock.bind(address)
             sock.listen(64)
             os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         finally:

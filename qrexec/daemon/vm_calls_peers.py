@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 
 from qrexec.errors import ProtocolError, QrexecError
@@ -37,9 +36,8 @@ from qrexec.protocol.messages import (
     encode,
 )
 from qrexec.protocol.negotiation import negotiate_client_socket
+from qrexec.unix_address import unix_address
 
-#: Longest path a sockaddr_un holds (108 bytes with the NUL).
-MAX_UNIX_PATH = 107
 #: qubesd answers are read up to this size (spec §14).
 MAX_ADMIN_ANSWER = 65535
 #: How long one step of talking to another daemon may take.
@@ -56,14 +54,8 @@ async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        if len(os.fsencode(path)) <= MAX_UNIX_PATH:
-            await loop.sock_connect(sock, path)
-        else:
-            folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                await loop.sock_connect(sock, f"/proc/self/fd/{folder}/{os.path.basename(path)}")
-            finally:
-                os.close(folder)
+        with unix_address(path) as address:
+            await loop.sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise
