@@ -1,7 +1,10 @@
 """VM-initiated calls end to end over the socket backend (spec §4(ii)-(v), §6.1, §8).
 
 Real agents, daemons, ``qrexec-policy-daemon`` and ``qrexec-client-vm`` processes; policy
-in modern files in the test's dom0 root; decisions checked in the audit log.
+in modern files in the test's dom0 root; decisions checked in the audit log. Calls that a
+service author could make run on the pytest plugin's ``qrexec_testbed``; the others need
+what only :mod:`tests.integration.vmcall_support` offers (capped protocol versions, daemon
+options and users, a slow policy program, raw sockets, client options and terminals).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from qrexec.sim.harness import RunningTestbed
 from tests.integration.vmcall_support import SERVICE_ECHO_ENV, VmCallSystem, vm_uuid, vmcalls
 
 pytestmark = pytest.mark.timeout(180)
@@ -37,10 +41,10 @@ def two_vms(vmcalls: VmCallSystem, policy: str) -> None:
     vmcalls.start_vm("vm2", 2)
 
 
-def test_vm_to_vm_with_argument(vmcalls: VmCallSystem) -> None:
-    two_vms(vmcalls, "test.Env * vm1 vm2 allow\n")
-    vmcalls.vms["vm2"].write_service("test.Env", SERVICE_ECHO_ENV)
-    result = vmcalls.call("vm1", "vm2", "test.Env+hello", input=b"some input\n")
+def test_vm_to_vm_with_argument(qrexec_testbed: RunningTestbed) -> None:
+    qrexec_testbed.set_policy("test.Env * vm1 vm2 allow\n")
+    qrexec_testbed.install_service("vm2", "test.Env", SERVICE_ECHO_ENV)
+    result = qrexec_testbed.call("vm1", "vm2", "test.Env+hello", b"some input\n")
     assert result.returncode == 3, result.stderr
     lines = result.stdout.decode().splitlines()
     assert lines[:5] == [
@@ -52,7 +56,7 @@ def test_vm_to_vm_with_argument(vmcalls: VmCallSystem) -> None:
     ]
     assert lines[-1] == "some input"
     assert result.stderr == b"to-stderr\n"
-    (decision,) = vmcalls.audit()
+    (decision,) = qrexec_testbed.audit()
     assert (decision["result"], decision["argument"], decision["target"]) == (
         "allow",
         "+hello",
@@ -77,13 +81,11 @@ def test_vm_to_vm_without_argument_and_prefix_data(vmcalls: VmCallSystem) -> Non
     [("@adminvm", "keyword", "unset", "adminvm"), ("dom0", "name", "dom0", "unset")],
 )
 def test_vm_to_dom0(
-    vmcalls: VmCallSystem, requested: str, target_type: str, target: str, keyword: str
+    qrexec_testbed: RunningTestbed, requested: str, target_type: str, target: str, keyword: str
 ) -> None:
-    vmcalls.write_dom0_service("test.Env", SERVICE_ECHO_ENV)
-    vmcalls.write_policy("test.Env * vm1 @adminvm allow\n")
-    vmcalls.start_policy_daemon()
-    vmcalls.start_vm("vm1", 1)
-    result = vmcalls.call("vm1", requested, "test.Env+x", input=b"to dom0\n")
+    qrexec_testbed.install_service("dom0", "test.Env", SERVICE_ECHO_ENV)
+    qrexec_testbed.set_policy("test.Env * vm1 @adminvm allow\n")
+    result = qrexec_testbed.call("vm1", requested, "test.Env+x", b"to dom0\n")
     assert result.returncode == 3, result.stderr
     lines = result.stdout.decode().splitlines()
     assert lines[:4] == ["arg=x", "remote=vm1", "full=test.Env+x", f"user={getpass.getuser()}"]
@@ -91,46 +93,43 @@ def test_vm_to_dom0(
     assert lines[-1] == "to dom0"
     # dom0 services' stderr is not forwarded: it lands in the daemon's log.
     assert b"to-stderr" not in result.stderr
-    assert "to-stderr" in vmcalls.system.log_text("daemon", "vm1")
-    (decision,) = vmcalls.audit()
+    assert "to-stderr" in Path(qrexec_testbed.process("daemon", "vm1").log).read_text()
+    (decision,) = qrexec_testbed.audit()
     assert decision["target"] == "dom0"
 
 
-def test_vm_to_dom0_missing_service(vmcalls: VmCallSystem) -> None:
-    vmcalls.write_policy("* * vm1 @adminvm allow\n")
-    vmcalls.start_policy_daemon()
-    vmcalls.start_vm("vm1", 1)
-    result = vmcalls.call("vm1", "@adminvm", "test.Missing")
+def test_vm_to_dom0_missing_service(qrexec_testbed: RunningTestbed) -> None:
+    qrexec_testbed.set_policy("* * vm1 @adminvm allow\n")
+    result = qrexec_testbed.call("vm1", "@adminvm", "test.Missing")
     assert result.returncode == 127
 
 
-def test_denied_call_runs_nothing(vmcalls: VmCallSystem) -> None:
-    two_vms(vmcalls, "test.Marker * vm1 vm2 deny\n")
-    service = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
-    result = vmcalls.call("vm1", "vm2", "test.Marker")
+def test_denied_call_runs_nothing(qrexec_testbed: RunningTestbed) -> None:
+    qrexec_testbed.set_policy("test.Marker * vm1 vm2 deny\n")
+    service = qrexec_testbed.install_service("vm2", "test.Marker", MARKER_SERVICE)
+    result = qrexec_testbed.call("vm1", "vm2", "test.Marker")
     assert result.returncode == 126
     assert result.stderr.decode().strip().endswith("Request refused")
     assert not Path(f"{service}.ran").exists()
     # No rule at all is a deny too.
-    result = vmcalls.call("vm1", "vm2", "test.Other")
+    result = qrexec_testbed.call("vm1", "vm2", "test.Other")
     assert result.returncode == 126
-    assert [d["result"] for d in vmcalls.audit()] == ["deny", "deny"]
-    # The same daemon still serves an allowed call.
-    vmcalls.write_policy("test.Marker * vm1 vm2 allow\n", name="20-allow.policy")
-    result = vmcalls.call("vm1", "vm2", "test.Marker")
+    assert [d["result"] for d in qrexec_testbed.audit()] == ["deny", "deny"]
+    # The same daemon still serves an allowed call (a file that sorts first wins).
+    qrexec_testbed.set_policy("test.Marker * vm1 vm2 allow\n", file="10-allow.policy")
+    result = qrexec_testbed.call("vm1", "vm2", "test.Marker")
     assert (result.returncode, result.stdout) == (0, b"ran\n")
 
 
-def test_target_redirect(vmcalls: VmCallSystem) -> None:
-    two_vms(vmcalls, "test.Marker * vm1 vm2 allow target=vm3\n")
-    vmcalls.start_vm("vm3", 3)
-    in_vm2 = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
-    in_vm3 = vmcalls.vms["vm3"].write_service("test.Marker", MARKER_SERVICE)
-    result = vmcalls.call("vm1", "vm2", "test.Marker")
+def test_target_redirect(qrexec_testbed: RunningTestbed) -> None:
+    qrexec_testbed.set_policy("test.Marker * vm1 vm2 allow target=vm3\n")
+    in_vm2 = qrexec_testbed.install_service("vm2", "test.Marker", MARKER_SERVICE)
+    in_vm3 = qrexec_testbed.install_service("vm3", "test.Marker", MARKER_SERVICE)
+    result = qrexec_testbed.call("vm1", "vm2", "test.Marker")
     assert (result.returncode, result.stdout) == (0, b"ran\n"), result.stderr
     assert Path(f"{in_vm3}.ran").exists()
     assert not Path(f"{in_vm2}.ran").exists()
-    (decision,) = vmcalls.audit()
+    (decision,) = qrexec_testbed.audit()
     assert (decision["requested_target"], decision["target"]) == ("vm2", "vm3")
 
 
