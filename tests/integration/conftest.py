@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,26 @@ def peak_rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def serve_once(server: socket.socket, reply: bytes) -> tuple[threading.Thread, list[bytes]]:
+    """A one-connection service on the listening ``server`` (unix or TCP): it records
+    everything the caller sent until EOF, then answers ``reply`` and closes."""
+    received: list[bytes] = []
+
+    def run() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                received.append(data)
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, received
 
 
 @dataclass

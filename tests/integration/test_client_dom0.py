@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from qrexec.daemon.clients import bind_unix
-from tests.integration.conftest import QrexecSystem
+from tests.integration.conftest import QrexecSystem, serve_once
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,21 +63,7 @@ def test_local_service_errors(qrexec_system: QrexecSystem, services: Path) -> No
 
 
 def test_local_socket_service(qrexec_system: QrexecSystem, services: Path) -> None:
-    server = bind_unix(str(services / "test.Sock"))
-    received: list[bytes] = []
-
-    def run() -> None:
-        with server:
-            conn, _ = server.accept()
-            with conn:
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                received.append(data)
-                conn.sendall(b"answer")
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, received = serve_once(bind_unix(str(services / "test.Sock")), b"answer")
     result = dom0_client(
         qrexec_system, services, "DEFAULT:QUBESRPC test.Sock+x vm1 keyword adminvm", b"q"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qrexec.daemon.clients import bind_unix
-from tests.integration.conftest import Domain, QrexecSystem
+from tests.integration.conftest import Domain, QrexecSystem, serve_once
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,30 +127,10 @@ def test_one_line_files_count_only_in_the_2011_directory(
     assert result.returncode != 0
 
 
-def serve_unix_once(path: Path, reply: bytes) -> tuple[threading.Thread, list[bytes]]:
-    """A one-connection unix-socket service that records what it got and answers."""
-    server = bind_unix(str(path))
-    received: list[bytes] = []
-
-    def run() -> None:
-        with server:
-            conn, _ = server.accept()
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                received.append(data)
-                conn.sendall(reply)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, received
-
-
 def test_socket_service_gets_descriptor_and_stdin(qrexec_system: QrexecSystem, vm1: Domain) -> None:
     service_dir = vm1.root / "etc/qubes-rpc"
     service_dir.mkdir(parents=True)
-    thread, received = serve_unix_once(service_dir / "test.Sock", b"socket says hi\n")
+    thread, received = serve_once(bind_unix(str(service_dir / "test.Sock")), b"socket says hi\n")
     result = qrexec_system.client(
         "vm1", f"{qrexec_system.user}:QUBESRPC test.Sock+x srcvm", input=b"payload"
     )
@@ -163,7 +143,7 @@ def test_socket_service_without_descriptor(qrexec_system: QrexecSystem, vm1: Dom
     service_dir = vm1.root / "etc/qubes-rpc"
     service_dir.mkdir(parents=True)
     vm1.write_file("etc/qubes/rpc-config/test.Sock", "skip-service-descriptor = true\n")
-    thread, received = serve_unix_once(service_dir / "test.Sock", b"ok")
+    thread, received = serve_once(bind_unix(str(service_dir / "test.Sock")), b"ok")
     result = qrexec_system.client(
         "vm1", f"{qrexec_system.user}:QUBESRPC test.Sock srcvm", input=b"raw"
     )
@@ -177,20 +157,7 @@ def test_tcp_symlink_service(qrexec_system: QrexecSystem, vm1: Domain) -> None:
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     port = server.getsockname()[1]
-    received: list[bytes] = []
-
-    def run() -> None:
-        with server:
-            conn, _ = server.accept()
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                received.append(data)
-                conn.sendall(b"tcp reply")
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, received = serve_once(server, b"tcp reply")
     service_dir = vm1.root / "etc/qubes-rpc"
     service_dir.mkdir(parents=True)
     (service_dir / "test.Tcp").symlink_to("/dev/tcp/127.0.0.1")
