@@ -17,11 +17,11 @@ import socket
 import struct
 import subprocess
 import termios
-import time
 from pathlib import Path
 
 import pytest
 
+from qrexec.sim import processes
 from qrexec.sim.harness import RunningTestbed
 from tests.integration.vmcall_support import SERVICE_ECHO_ENV, VmCallSystem, vm_uuid, vmcalls
 
@@ -207,12 +207,14 @@ def test_policy_program_fallback(vmcalls: VmCallSystem) -> None:
 def test_client_gone_before_answer(vmcalls: VmCallSystem) -> None:
     """The caller disappears while the policy is still deciding; nothing gets stuck.
 
-    The policy program (fallback) takes two seconds; the client is killed before. The
-    late allow reaches the agent, which finds the client gone and ends the call at once.
+    The policy program (fallback) takes two seconds; the client is killed once it has been
+    asked. The late allow reaches the agent, which finds the client gone and ends the call
+    at once.
     """
     slow = vmcalls.base / "slow-policy"
+    asked = vmcalls.base / "policy-asked"
     slow.write_text(
-        "#!/bin/sh\nsleep 2\n"
+        f"#!/bin/sh\ntouch {asked}\nsleep 2\n"
         "printf 'result=allow\\nuser=DEFAULT\\ntarget=vm2\\n"
         "autostart=False\\nrequested_target=vm2\\n'\n"
     )
@@ -222,7 +224,7 @@ def test_client_gone_before_answer(vmcalls: VmCallSystem) -> None:
     vmcalls.start_vm("vm2", 2, daemon_env=missing, daemon_args=["-p", str(slow)])
     marker = vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
     client = vmcalls.popen_call("vm1", "vm2", "test.Marker")
-    time.sleep(0.5)
+    processes.wait_for(asked.exists, 60, what="the policy program to be asked")
     client.kill()
     client.wait()
     # The next call (also through the slow policy) works normally.
@@ -394,8 +396,9 @@ def test_daemon_restart_refuses_waiting_calls_and_serves_again(vmcalls: VmCallSy
     """dom0's daemon of the calling VM dies while a call waits for policy: the caller is
     refused at once (nobody will answer); the restarted daemon serves new calls."""
     slow = vmcalls.base / "slow-policy"
+    asked = vmcalls.base / "policy-asked"
     slow.write_text(
-        "#!/bin/sh\nsleep 30\n"
+        f"#!/bin/sh\ntouch {asked}\nsleep 30\n"
         "printf 'result=allow\\nuser=DEFAULT\\ntarget=vm2\\n"
         "autostart=False\\nrequested_target=vm2\\n'\n"
     )
@@ -407,7 +410,7 @@ def test_daemon_restart_refuses_waiting_calls_and_serves_again(vmcalls: VmCallSy
     vmcalls.start_vm("vm2", 2)
     vmcalls.vms["vm2"].write_service("test.Marker", MARKER_SERVICE)
     waiting = vmcalls.popen_call("vm1", "vm2", "test.Marker")
-    time.sleep(1)
+    processes.wait_for(asked.exists, 60, what="the policy program to be asked")
     system = vmcalls.system
     vm1 = system.domains["vm1"]
     assert vm1.daemon is not None
