@@ -210,6 +210,36 @@ class QrexecSystem:
         self.wait_connected(dom)
         return dom
 
+    def run(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        input: bytes = b"",
+        timeout: float = 60,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a client to completion, stdin from ``input``, output captured."""
+        return subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            env=dict(env),
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
+        )
+
+    def popen(self, argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """Start a client with pipes on stdin, stdout and stderr."""
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env),
+        )
+
     def client_argv(self, dest: str, cmdline: str, *options: str) -> list[str]:
         return [sys.executable, "-m", "qrexec.client.cli", *options, "-d", dest, cmdline]
 
@@ -223,25 +253,13 @@ class QrexecSystem:
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run qrexec-client to completion (stdin from ``input``)."""
-        return subprocess.run(
-            self.client_argv(dest, cmdline, *options),
-            input=input,
-            capture_output=True,
-            env=self.env(0, env),
-            timeout=timeout,
-            check=False,
-        )
+        argv = self.client_argv(dest, cmdline, *options)
+        return self.run(argv, self.env(0, env), input=input, timeout=timeout)
 
     def popen_client(
         self, dest: str, cmdline: str, *options: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            self.client_argv(dest, cmdline, *options),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env(0, env),
-        )
+        return self.popen(self.client_argv(dest, cmdline, *options), self.env(0, env))
 
     def stop(self, record: ProcessRecord) -> None:
         processes.stop([record])

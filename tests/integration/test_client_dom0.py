@@ -17,13 +17,11 @@ pytestmark = pytest.mark.timeout(60)
 def dom0_client(
     system: QrexecSystem, services: Path, cmdline: str, stdin: bytes = b"", dest: str = "dom0"
 ) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
+    return system.run(
         [sys.executable, "-m", "qrexec.client.cli", "-d", dest, cmdline],
+        system.env(0, {"QREXEC_SERVICE_PATH": str(services)}),
         input=stdin,
-        capture_output=True,
-        env=system.env(0, {"QREXEC_SERVICE_PATH": str(services)}),
         timeout=30,
-        check=False,
     )
 
 

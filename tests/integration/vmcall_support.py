@@ -189,26 +189,18 @@ class VmCallSystem:
         timeout: float = 90,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``qrexec-client-vm ARGS...`` inside ``source`` to completion."""
-        return subprocess.run(
+        return self.system.run(
             self.client_vm_argv(*args),
+            self.vm_env(source, env),
             input=input,
-            capture_output=True,
-            env=self.vm_env(source, env),
-            cwd=str(self.vms[source].root),
             timeout=timeout,
-            check=False,
+            cwd=self.vms[source].root,
         )
 
     def popen_call(
         self, source: str, *args: str, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            self.client_vm_argv(*args),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.vm_env(source, env),
-        )
+        return self.system.popen(self.client_vm_argv(*args), self.vm_env(source, env))
 
 
 def policy_program() -> str:
