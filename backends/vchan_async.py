@@ -253,7 +253,8 @@ async def wait_for_server_async(
     loop = asyncio.get_running_loop()
     fired = asyncio.Event()
     token = f"qrexec-vchan-async-{id(fired)}"
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     with XenStore(backend.libs) as xs:
         xs.watch(path, token)
         fd = xs.watch_fd()
@@ -268,9 +269,12 @@ async def wait_for_server_async(
                     )
                 fired.clear()
                 wait = 1.0 if remaining is None else min(1.0, remaining)
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(fired.wait(), wait)
+                except TimeoutError:
+                    log.debug("vchan client: no watch event for %s within %.1fs", path, wait)
                 xs.drain_watch_events()
         finally:
             loop.remove_reader(fd)
             xs.unwatch(path, token)
+    log.debug("vchan client: %s ready after %.3fs", path, time.monotonic() - started)

@@ -71,14 +71,14 @@ def conformance(name: str, timeout: float) -> None:
     gc.marker("DOMU-STEP", name, f"rc={rc} {summary}")
 
 
-def start_agent() -> subprocess.Popen[bytes]:
+def start_agent(debug: bool) -> subprocess.Popen[bytes]:
+    """Start qrexec-agent; with ``debug`` it logs verbosely to this domain's console."""
     env = dict(os.environ, QREXEC_TRANSPORT="vchan", PYTHONPATH="/opt/qrexec-py")
     env.pop("VCHAN_SOCKET_DIR", None)
     Path("/var/run/qubes").mkdir(parents=True, exist_ok=True)
-    log = open("/var/log/qubes/qrexec-agent.log", "ab")  # noqa: SIM115 - lives with the agent
-    proc = subprocess.Popen(
-        ["qrexec-agent", "--transport", "vchan"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    argv = ["qrexec-agent", "--transport", "vchan", *(["-v"] if debug else [])]
+    log = None if debug else open("/var/log/qubes/qrexec-agent.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     gc.marker("DOMU-STEP", "agent", f"started pid {proc.pid}")
     return proc
 
@@ -116,7 +116,7 @@ def main() -> int:
             elif step == "services":
                 install_domu_services(name)
             elif step == "agent":
-                agent = start_agent()
+                agent = start_agent(bool(config.get("debug")))
             elif step == "hold":
                 hold(backend)
             else:
