@@ -12,14 +12,14 @@ Does no I/O besides reading the environment passed in.
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
 from qrexec.backends.base import Backend
 from qrexec.errors import TransportUnavailable
+from qrexec.lazy_logging import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TRANSPORT_ENV = "QREXEC_TRANSPORT"
 SOCKET_DIR_ENV = "VCHAN_SOCKET_DIR"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import select
 import socket
@@ -46,12 +45,13 @@ from typing import TYPE_CHECKING, Literal
 
 from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
 from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
+from qrexec.lazy_logging import get_logger
 from qrexec.unix_address import unix_address
 
 if TYPE_CHECKING:
     from qrexec.backends.socket_async import AsyncSocketListener, AsyncSocketStream
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DOMAIN_ENV = "VCHAN_DOMAIN"
 SOCKET_DIR_ENV = "VCHAN_SOCKET_DIR"

@@ -16,7 +16,6 @@ gives :data:`CLOSED_EARLY_EXIT`. Imports no asyncio; the stream is any
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import stat
@@ -25,12 +24,13 @@ from dataclasses import dataclass
 
 from qrexec.backends.base import BlockingStream
 from qrexec.errors import ProtocolError, TransportError
+from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import MsgType
 from qrexec.protocol.framing import FrameDecoder, read_message
 from qrexec.protocol.messages import Data, ExitStatus, Hello, encode
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Exit code when the service side vanished without sending its exit code.
 CLOSED_EARLY_EXIT = 255

@@ -20,13 +20,13 @@ agent connects. Env: ``QREXEC_DAEMON_SOCKET_DIR`` (default ``/var/run/qubes``),
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from qrexec.lazy_logging import configure, get_logger
 from qrexec.protocol.constants import ExitCode
 
-log = logging.getLogger("qrexec.client")
+log = get_logger("qrexec.client")
 
 DOM0_NAMES = frozenset({"dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000"})
 #: qrexec-client waits this long for the agent's data connection (spec §3.5; 0 = forever).
@@ -61,10 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="qrexec-client: %(message)s",
-    )
+    configure(debug=args.verbose, format="qrexec-client: %(message)s")
     env = dict(os.environ)
     if args.dest in DOM0_NAMES and args.connect is None:
         from qrexec.client.local_call import run_local_service

@@ -33,12 +33,12 @@ Runs once per call: blocking, imports lazily, never imports asyncio. Also runs a
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from qrexec.lazy_logging import configure, get_logger
 from qrexec.protocol.constants import SIGNAL_EXIT_BASE, ExitCode
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from qrexec.backends.base import Backend, BlockingStream
     from qrexec.client.client_vm_args import ClientVmOptions
 
-log = logging.getLogger("qrexec.client_vm")
+log = get_logger("qrexec.client_vm")
 
 DOMAIN_ROOT_ENV = "QREXEC_DOMAIN_ROOT"
 #: How long we wait for the target's agent to connect the data vchan. The agent itself
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     environ = dict(os.environ if env is None else env)
     args = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.WARNING, format="qrexec-client-vm: %(message)s")
+    configure(debug=False, format="qrexec-client-vm: %(message)s")
     try:
         options = parse_args(args, environ)
     except HelpRequested:

@@ -15,18 +15,18 @@ Blocking, no asyncio.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from typing import Any
 
 from qrexec.client.caller import CallerIO, caller_handshake, read_exit_code, run_caller
 from qrexec.client.daemon_socket import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV, DaemonConnection
 from qrexec.errors import QrexecError, UsageError
+from qrexec.lazy_logging import get_logger
 from qrexec.protocol.cmdline import encode_cmdline
 from qrexec.protocol.constants import VCHAN_DATA_RING_SIZE, ExitCode, MsgType
 from qrexec.protocol.messages import ExecRequest, ServiceConnect
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def parse_connect_arg(value: str) -> tuple[bytes, str, int]:

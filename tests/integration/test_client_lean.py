@@ -11,19 +11,30 @@ from tests.integration.conftest import Domain, QrexecSystem
 
 pytestmark = pytest.mark.timeout(120)
 
-PROBE = """
+HEAVY = "asyncio qrexec.policy qrexec.daemon qrexec.agent.calls"
+PROBE_TEMPLATE = """
 import sys
 from qrexec.client.cli import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("asyncio", "qrexec.policy", "qrexec.daemon", "qrexec.agent.calls")
-               if m in sys.modules)
+heavy = sorted(m for m in HEAVY_MODULES.split() if m in sys.modules)
 sys.stderr.write(f"\\nEXIT={code} HEAVY={','.join(heavy)}\\n")
 """
 
 
-def probe(system: QrexecSystem, *argv: str, stdin: bytes = b"") -> tuple[bytes, str]:
+def probe_code(modules: str) -> str:
+    """The probe, reporting which of ``modules`` (space-separated) got imported."""
+    return PROBE_TEMPLATE.replace("HEAVY_MODULES", repr(modules))
+
+
+PROBE = probe_code(HEAVY)
+
+
+def probe(
+    system: QrexecSystem, *argv: str, stdin: bytes = b"", report: str = HEAVY
+) -> tuple[bytes, str]:
+    """Run qrexec-client in-process; the summary names which of ``report`` got imported."""
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, *argv],
+        [sys.executable, "-c", probe_code(report), *argv],
         input=stdin,
         capture_output=True,
         env=system.env(0),
@@ -35,6 +46,15 @@ def probe(system: QrexecSystem, *argv: str, stdin: bytes = b"") -> tuple[bytes, 
 
 def test_vm_call_path_imports_no_asyncio(qrexec_system: QrexecSystem, vm1: Domain) -> None:
     out, summary = probe(qrexec_system, "-d", "vm1", f"{qrexec_system.user}:cat", stdin=b"x")
+    assert out == b"x"
+    assert summary == "EXIT=0 HEAVY="
+
+
+def test_vm_call_path_imports_no_logging(qrexec_system: QrexecSystem, vm1: Domain) -> None:
+    """A call without problems shows no log record, so it need not load logging."""
+    out, summary = probe(
+        qrexec_system, "-d", "vm1", f"{qrexec_system.user}:cat", stdin=b"x", report="logging"
+    )
     assert out == b"x"
     assert summary == "EXIT=0 HEAVY="
 
