@@ -70,15 +70,20 @@ def is_alive(record: ProcessRecord) -> bool:
     return process_state(record.pid) not in (None, "Z", "X")
 
 
-def rss_kib(pid: int) -> int | None:
-    """Resident set size of a process in KiB (None if it is gone)."""
+def status_kib(pid: int, field: str) -> int | None:
+    """A KiB field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``...); None if it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of a process in KiB (None if it is gone)."""
+    return status_kib(pid, "VmRSS")
 
 
 def spawn(

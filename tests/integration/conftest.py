@@ -38,10 +38,10 @@ def clean_environment() -> dict[str, str]:
 
 def peak_rss_kib(pid: int) -> int:
     """VmHWM (peak resident set) of a live process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for pid {pid}")
+    peak = processes.status_kib(pid, "VmHWM")
+    if peak is None:
+        raise AssertionError(f"no VmHWM for pid {pid}")
+    return peak
 
 
 def serve_once(server: socket.socket, reply: bytes) -> tuple[threading.Thread, list[bytes]]:
