@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,6 +148,21 @@ class RunningTestbed:
         argv, env, cwd = self.testbed.call_argv(source, target, service, program)
         done = self.testbed.run_client(argv, env, cwd=cwd, input=input, timeout=timeout)
         return CallResult(done.returncode, done.stdout, done.stderr)
+
+    def start_call(
+        self, source: str, target: str, service: str, *, program: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start the call :meth:`call` makes without waiting for it (stdin, stdout and stderr
+        are pipes; ``communicate(input)`` finishes it), for calls in flight together."""
+        argv, env, cwd = self.testbed.call_argv(source, target, service, program)
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def exec(self, vm: str, cmdline: str, input: bytes = b"", timeout: float = 60.0) -> CallResult:
         """Run ``USER:cmd`` in ``vm`` from dom0 (``DEFAULT:`` is the agents' account)."""

@@ -7,10 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.vmcall_support import VmCallSystem, vmcalls
+from qrexec.sim.harness import RunningTestbed
 
 pytestmark = pytest.mark.timeout(600)
-__all__ = ["vmcalls"]
 
 ECHO_SERVICE = """#!/bin/sh
 cat
@@ -21,17 +20,17 @@ VMS = ("vm1", "vm2", "vm3")
 CALLS = 100
 
 
-def test_hundred_concurrent_calls(vmcalls: VmCallSystem) -> None:
-    vmcalls.write_policy("test.Echo * @anyvm @anyvm allow\n")
-    vmcalls.start_policy_daemon()
-    for domid, name in enumerate(VMS, start=1):
-        vmcalls.start_vm(name, domid).write_service("test.Echo", ECHO_SERVICE)
+def test_hundred_concurrent_calls(qrexec_testbed: RunningTestbed) -> None:
+    qrexec_testbed.set_policy("test.Echo * @anyvm @anyvm allow\n")
+    for name in VMS:
+        qrexec_testbed.install_service(name, "test.Echo", ECHO_SERVICE)
     # Start every client first, then feed them: all 100 calls are in flight together.
     clients: list[tuple[int, str, bytes, subprocess.Popen[bytes]]] = []
     for n in range(CALLS):
         source, target = VMS[n % 3], VMS[(n + 1) % 3]
         payload = f"call {n} from {source};".encode() * (50 + 37 * n)
-        clients.append((n, source, payload, vmcalls.popen_call(source, target, f"test.Echo+{n}")))
+        call = qrexec_testbed.start_call(source, target, f"test.Echo+{n}")
+        clients.append((n, source, payload, call))
 
     def finish(
         item: tuple[int, str, bytes, subprocess.Popen[bytes]],
@@ -48,4 +47,4 @@ def test_hundred_concurrent_calls(vmcalls: VmCallSystem) -> None:
         if code != n % 7 or out != expected:
             failures.append((n, code, len(out), len(expected), err[-300:]))
     assert not failures, failures
-    assert len(vmcalls.audit()) == CALLS
+    assert len(qrexec_testbed.audit()) == CALLS
