@@ -10,7 +10,6 @@ agent, and ``qrexec-client-vm`` runs inside a VM.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from qrexec.sim import processes
+from qrexec.sim.testbed import find_program
 from tests.integration.conftest import START_TIMEOUT, Domain, QrexecSystem
 
 #: uuid of VM number n (domain id n).
@@ -204,10 +204,8 @@ class VmCallSystem:
 
 
 def policy_program() -> str:
-    """Our qrexec-policy-exec (the daemon's fallback)."""
-    found = shutil.which("qrexec-policy-exec")
-    assert found, "qrexec-policy-exec is not installed (pip install -e .)"
-    return found
+    """Our qrexec-policy-exec (the daemon's fallback), found as the testbed finds programs."""
+    return find_program("qrexec-policy-exec")
 
 
 @pytest.fixture
