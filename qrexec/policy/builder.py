@@ -18,11 +18,12 @@ Any syntax error anywhere yields a Policy that denies everything, with ``path:li
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import posixpath
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from qrexec.errors import PolicySyntaxError
@@ -155,20 +156,26 @@ class _Builder:
             directory = chosen[name]
             self.load_file(posixpath.join(directory, name), directory, None)
 
-    def load_file(self, path: str, base: str, where: Directive | None) -> None:
+    @contextlib.contextmanager
+    def _reading(self, path: str) -> Iterator[None]:
+        """Track ``path`` on the include stack: no loops, no unbounded nesting."""
         if path in self.stack:
             raise PolicySyntaxError(path, None, "include loop")
         if len(self.stack) >= _MAX_INCLUDE_DEPTH:
             raise PolicySyntaxError(path, None, "includes nested too deeply")
         self.stack.append(path)
         try:
+            yield
+        finally:
+            self.stack.pop()
+
+    def load_file(self, path: str, base: str, where: Directive | None) -> None:
+        with self._reading(path):
             for statement in parse_policy_text(_read(self.store, path, where), path):
                 if isinstance(statement, Rule):
                     self.rules.append(statement)
                 else:
                     self.directive(statement, base)
-        finally:
-            self.stack.pop()
 
     def directive(self, d: Directive, base: str) -> None:
         def resolve(p: str) -> str:
@@ -195,20 +202,13 @@ class _Builder:
     def load_legacy_file(
         self, path: str, service: str, argument: str, where: Directive | None, fmt: _LegacyFormat
     ) -> None:
-        if path in self.stack:
-            raise PolicySyntaxError(path, None, "include loop")
-        if len(self.stack) >= _MAX_INCLUDE_DEPTH:
-            raise PolicySyntaxError(path, None, "includes nested too deeply")
-        self.stack.append(path)
-        try:
+        with self._reading(path):
             for statement in fmt.parse(_read(self.store, path, where), path, service, argument):
                 if isinstance(statement, Rule):
                     self.rules.append(statement)
                 else:  # $include: another file of the same format, for the same service
                     target = posixpath.normpath(posixpath.join(fmt.directory, statement.args[0]))
                     self.load_legacy_file(target, service, argument, statement, fmt)
-        finally:
-            self.stack.pop()
 
     def load_legacy_dir(self, fmt: _LegacyFormat, where: Directive | None) -> None:
         """Every per-service file of a legacy directory, argument-specific files first.

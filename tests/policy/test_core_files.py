@@ -197,6 +197,21 @@ def test_include_errors_deny_everything(files: dict[str, str], where: str) -> No
     assert str(policy.error).startswith(where)
 
 
+def test_include_loops_and_deep_nesting_are_errors() -> None:
+    loop = load({f"{ETC}/30-a.policy": "!include 30-a.policy\n"})
+    assert str(loop.error) == f"{ETC}/30-a.policy: include loop"
+    chain = {f"{ETC}/inc{n}": f"!include inc{n + 1}\n" for n in range(40)}
+    deep = load({f"{ETC}/30-a.policy": "!include inc0\n", **chain})
+    assert str(deep.error) == f"{ETC}/inc31: includes nested too deeply"
+    legacy = load(
+        {
+            f"{ETC}/30-a.policy": "!compat-4.0\n",
+            f"{R40}/test.Svc": "$include:test.Svc\n",
+        }
+    )
+    assert str(legacy.error) == f"{R40}/test.Svc: include loop"
+
+
 # --- !compat-4.0 -----------------------------------------------------------------------------
 
 
