@@ -28,7 +28,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from qrexec.errors import RemoteProtocolError
 
@@ -38,6 +38,28 @@ log = logging.getLogger(__name__)
 MAX_PROMPT_BYTES: Final = 65536
 #: ``allow:`` + a target of at most 63 chars (+ ``@dispvm:`` prefix) and a newline.
 MAX_ANSWER_BYTES: Final = 256
+
+
+def agent_json(
+    raw: bytes, limit: int, what: str, string_keys: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Decode a JSON object that a policy agent exchanges (policy.Ask, policy.Notify), at most
+    ``limit`` bytes; returns it and its ``string_keys``, each checked to be a string."""
+    if len(raw) > limit:
+        raise RemoteProtocolError(f"{what} longer than {limit} bytes")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RemoteProtocolError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RemoteProtocolError(f"{what} is not a JSON object")
+    strings = {}
+    for key in string_keys:
+        value = data.get(key)
+        if not isinstance(value, str):
+            raise RemoteProtocolError(f"{what}: {key} must be a string")
+        strings[key] = value
+    return data, strings
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,20 +89,9 @@ class AskPrompt:
     @classmethod
     def from_json(cls, raw: bytes) -> AskPrompt:
         """Parse and validate the JSON a policy agent receives."""
-        if len(raw) > MAX_PROMPT_BYTES:
-            raise RemoteProtocolError(f"ask prompt longer than {MAX_PROMPT_BYTES} bytes")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"ask prompt is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise RemoteProtocolError("ask prompt is not a JSON object")
-        strings = {}
-        for key in ("source", "service", "argument", "default_target"):
-            value = data.get(key)
-            if not isinstance(value, str):
-                raise RemoteProtocolError(f"ask prompt: {key} must be a string")
-            strings[key] = value
+        data, strings = agent_json(
+            raw, MAX_PROMPT_BYTES, "ask prompt", ("source", "service", "argument", "default_target")
+        )
         if not strings["argument"].startswith("+"):
             raise RemoteProtocolError("ask prompt: argument must start with '+'")
         targets = data.get("targets")

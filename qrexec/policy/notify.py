@@ -21,6 +21,7 @@ from typing import Final, Literal, Protocol
 
 from qrexec.errors import RemoteProtocolError
 from qrexec.policy.agent_client import PolicyAgentClient
+from qrexec.policy.ask import agent_json
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,12 @@ class Notification:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Notification:
-        if len(raw) > MAX_NOTIFY_BYTES:
-            raise RemoteProtocolError(f"notification longer than {MAX_NOTIFY_BYTES} bytes")
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RemoteProtocolError(f"notification is not JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise RemoteProtocolError("notification is not a JSON object")
-        values = {}
-        for key in ("resolution", "service", "argument", "source", "target"):
-            value = data.get(key)
-            if not isinstance(value, str):
-                raise RemoteProtocolError(f"notification: {key} must be a string")
-            values[key] = value
+        _, values = agent_json(
+            raw,
+            MAX_NOTIFY_BYTES,
+            "notification",
+            ("resolution", "service", "argument", "source", "target"),
+        )
         resolution = values["resolution"]
         if resolution not in ("allow", "deny", "fail"):
             raise RemoteProtocolError(f"notification: unknown resolution {resolution[:32]!r}")

@@ -21,6 +21,7 @@ from qrexec.policy.ask import (
     parse_ask_answer,
 )
 from qrexec.policy.ask_terminal import TerminalPrompter, interpret_reply
+from qrexec.policy.notify import Notification
 
 PROMPT = AskPrompt(
     source="work",
@@ -71,6 +72,29 @@ def test_prompt_json_has_exactly_the_spec_keys() -> None:
 def test_prompt_json_validation(raw: bytes, reason: str) -> None:
     with pytest.raises(RemoteProtocolError, match=reason):
         AskPrompt.from_json(raw)
+
+
+def test_notification_json_round_trip() -> None:
+    note = Notification("deny", "test.Add", "+x", "work", "vm2")
+    assert Notification.from_json(note.to_json()) == note
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"[]", "^notification is not a JSON object$"),
+        (b"{", "^notification is not JSON"),
+        (b" " * 65537, "^notification longer than 65536 bytes$"),
+        (b'{"resolution": "deny"}', "^notification: service must be a string$"),
+        (
+            b'{"resolution":"maybe","service":"s","argument":"+","source":"a","target":"b"}',
+            "^notification: unknown resolution 'maybe'$",
+        ),
+    ],
+)
+def test_notification_json_validation(raw: bytes, reason: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=reason):
+        Notification.from_json(raw)
 
 
 @pytest.mark.parametrize(
