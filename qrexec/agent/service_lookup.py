@@ -36,6 +36,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from qrexec.agent.rpc_config import RpcConfig, load_rpc_config
 from qrexec.errors import InvalidField, ServiceError, ServiceNotFound
 from qrexec.protocol.cmdline import ServiceName, service_lookup_names
 
@@ -173,6 +174,18 @@ def find_config(
                 raise ServiceError(f"cannot look up rpc-config {path}: {exc}") from None
             return path
     return None
+
+
+def find_service_in_env(
+    name: ServiceName, env: Mapping[str, str], root: DomainRoot
+) -> tuple[ServiceTarget, RpcConfig]:
+    """``name`` and its rpc-config on the search paths ``env`` sets (or the defaults): how
+    dom0 finds the services it runs itself (``qrexec-client -d dom0``, VM → dom0 calls)."""
+    target = find_service(name, search_path(env, SERVICE_PATH_ENV, DEFAULT_SERVICE_PATH), root)
+    config_path = find_config(
+        name, search_path(env, RPC_CONFIG_PATH_ENV, DEFAULT_RPC_CONFIG_PATH), root
+    )
+    return target, load_rpc_config(config_path)
 
 
 def _classify(

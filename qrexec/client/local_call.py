@@ -16,18 +16,11 @@ import socket
 import threading
 
 from qrexec.agent.launch import service_spec, spawn
-from qrexec.agent.rpc_config import load_rpc_config
 from qrexec.agent.service_lookup import (
-    DEFAULT_RPC_CONFIG_PATH,
-    DEFAULT_SERVICE_PATH,
-    RPC_CONFIG_PATH_ENV,
-    SERVICE_PATH_ENV,
     DomainRoot,
     ServiceKind,
     ServiceTarget,
-    find_config,
-    find_service,
-    search_path,
+    find_service_in_env,
 )
 from qrexec.agent.users import RunAs
 from qrexec.client.daemon_socket import connect_unix
@@ -61,14 +54,7 @@ def run_local_service(cmdline: str, env: dict[str, str]) -> int:
             )
         call = parse_rpc_command(command.command)
         root = DomainRoot.from_env(None, env)
-        target = find_service(
-            call.name, search_path(env, SERVICE_PATH_ENV, DEFAULT_SERVICE_PATH), root
-        )
-        config = load_rpc_config(
-            find_config(
-                call.name, search_path(env, RPC_CONFIG_PATH_ENV, DEFAULT_RPC_CONFIG_PATH), root
-            )
-        )
+        target, config = find_service_in_env(call.name, env, root)
         if target.kind is not ServiceKind.EXECUTABLE:
             return _relay_socket(target, call, send_descriptor=not config.skip_service_descriptor)
         spec = service_spec(target.argv, call, _current_user(env), env, os.getpid(), in_dom0=True)

@@ -31,18 +31,7 @@ from collections.abc import Mapping
 from qrexec.agent import service_io
 from qrexec.agent.calls import connect_service_socket
 from qrexec.agent.launch import service_spec, spawn
-from qrexec.agent.rpc_config import load_rpc_config
-from qrexec.agent.service_lookup import (
-    DEFAULT_RPC_CONFIG_PATH,
-    DEFAULT_SERVICE_PATH,
-    RPC_CONFIG_PATH_ENV,
-    SERVICE_PATH_ENV,
-    DomainRoot,
-    ServiceKind,
-    find_config,
-    find_service,
-    search_path,
-)
+from qrexec.agent.service_lookup import DomainRoot, ServiceKind, find_service_in_env
 from qrexec.agent.users import resolve_user
 from qrexec.backends.base import Backend
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound, TransportError
@@ -95,14 +84,7 @@ async def run_dom0_service(
 async def _serve(channel: service_io.DataChannel, call: RpcCall, env: Mapping[str, str]) -> int:
     root = DomainRoot.from_env(None, env)
     try:
-        target = find_service(
-            call.name, search_path(env, SERVICE_PATH_ENV, DEFAULT_SERVICE_PATH), root
-        )
-        config = load_rpc_config(
-            find_config(
-                call.name, search_path(env, RPC_CONFIG_PATH_ENV, DEFAULT_RPC_CONFIG_PATH), root
-            )
-        )
+        target, config = find_service_in_env(call.name, env, root)
         run_as = resolve_user(pwd.getpwuid(os.getuid()).pw_name, root, env)
     except ServiceError as exc:
         failed = int(
