@@ -27,16 +27,13 @@ import time
 from pathlib import Path
 
 from qrexec.sim import processes
+from qrexec.sim.testbed import clean_environment
 
 ECHO = "#!/bin/sh\nexec cat\n"
 
 
 def environment(base: Path, domid: int, extra: dict[str, str]) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("QREXEC", "VCHAN", "QUBES_RPC")) and k != "NOTIFY_SOCKET"
-    }
+    env = clean_environment()
     env.update(
         QREXEC_TRANSPORT="socket",
         VCHAN_SOCKET_DIR=str(base / "vchan"),

@@ -52,6 +52,17 @@ class TestbedError(QrexecError):
     """The testbed could not be started, or a command was given in the wrong state."""
 
 
+def clean_environment() -> dict[str, str]:
+    """Our environment without any qrexec or vchan setting (the caller's own transport or
+    paths must not leak into a testbed) and without ``NOTIFY_SOCKET`` (an agent would
+    report readiness to the systemd unit that runs us)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("QREXEC", "VCHAN", "QUBES_RPC")) and key != "NOTIFY_SOCKET"
+    }
+
+
 def find_program(name: str) -> str:
     """A console script of this project: next to the running interpreter, else on PATH."""
     beside = Path(sys.executable).parent / name
@@ -91,11 +102,7 @@ class Testbed:
     # Environments ---------------------------------------------------------------------
     def base_env(self, own_domain: int) -> dict[str, str]:
         """Environment every program of the testbed gets: the pinned socket transport."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("QREXEC_", "VCHAN_", "QUBES_RPC_"))
-        }
+        env = clean_environment()
         env.update(
             QREXEC_TRANSPORT="socket",
             VCHAN_DOMAIN=str(own_domain),

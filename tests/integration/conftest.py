@@ -9,7 +9,6 @@ root folder per domain) and tracks them by pid (``qrexec.sim.processes``), so
 from __future__ import annotations
 
 import getpass
-import os
 import socket
 import subprocess
 import sys
@@ -22,18 +21,10 @@ import pytest
 
 from qrexec.sim import processes
 from qrexec.sim.processes import ProcessRecord
+from qrexec.sim.testbed import clean_environment
 
 #: How long a test waits for a daemon to see its agent.
 START_TIMEOUT = 30.0
-
-
-def clean_environment() -> dict[str, str]:
-    """Our environment without any qrexec or vchan setting the test runner may have."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("QREXEC", "VCHAN", "QUBES_RPC")) and key != "NOTIFY_SOCKET"
-    }
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -16,6 +16,7 @@ from qrexec.sim.cli import main as sim_main
 from qrexec.sim.harness import RunningTestbed
 from qrexec.sim.qubesd import AdminError, call_admin, parse_request
 from qrexec.sim.rundir import RunDir
+from qrexec.sim.testbed import Testbed
 from qrexec.sim.topology import parse_topology
 
 pytestmark = pytest.mark.timeout(120)
@@ -223,3 +224,21 @@ def test_a_domain_that_cannot_start_is_not_left_half_running(
     assert "cold" not in qrexec_testbed.running_domains()
     assert not any(s.record.domain == "cold" for s in qrexec_testbed.status())
     assert all(s.alive for s in qrexec_testbed.status())
+
+
+def test_programs_get_the_pinned_transport_and_none_of_our_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QREXEC_TRANSPORT", "vchan")
+    monkeypatch.setenv("VCHAN_SOCKET_DIR", "/elsewhere")
+    monkeypatch.setenv("QUBES_RPC_CONFIG_PATH", "/elsewhere")
+    monkeypatch.setenv("QREXEC_SERVICE_PATH", "/elsewhere")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    testbed = Testbed("/tmp/qsim-env-test", parse_topology(SMALL))  # nothing is created
+    env = testbed.vm_env("work", 7)
+    assert env["QREXEC_TRANSPORT"] == "socket"
+    assert env["VCHAN_SOCKET_DIR"] == str(testbed.run.vchan_dir)
+    assert env["VCHAN_DOMAIN"] == "7"
+    for leaked in ("QUBES_RPC_CONFIG_PATH", "QREXEC_SERVICE_PATH", "NOTIFY_SOCKET"):
+        assert leaked not in env
+    assert env["PATH"] == os.environ["PATH"]
