@@ -266,12 +266,13 @@ def test_daemonized_parent_exits_0_once_connected(qrexec_system: QrexecSystem) -
     env = qrexec_system.env(0, {"QREXEC_LOG_DIR": str(qrexec_system.logs)})
     argv = daemon_argv(qrexec_system, "-q")
     result = subprocess.run(argv, env=env, timeout=60, check=False)
-    assert result.returncode == 0
-    assert qrexec_system.daemon_socket(7).exists()
     # The background child is ours: the only process running exactly this argv (the
-    # socket folder in it is this test's own temporary folder). Stop it by pid.
+    # socket folder in it is this test's own temporary folder). Stop it by pid, also when
+    # a check below fails.
     child = find_process_by_argv(argv)
     try:
+        assert result.returncode == 0
+        assert qrexec_system.daemon_socket(7).exists()
         call = qrexec_system.client("vm7", f"{qrexec_system.user}:echo daemonized")
         assert call.stdout == b"daemonized\n"
         assert (qrexec_system.logs / "qrexec.vm7.log").exists()
@@ -296,10 +297,10 @@ def test_startup_nowait_parent_returns_at_once(qrexec_system: QrexecSystem) -> N
     )
     argv = daemon_argv(qrexec_system)
     result = subprocess.run(argv, env=env, timeout=60, check=False)
-    assert result.returncode == 0
-    assert not qrexec_system.daemon_socket(7).exists()
     child = find_process_by_argv(argv)
     try:
+        assert result.returncode == 0
+        assert not qrexec_system.daemon_socket(7).exists()
         # The background daemon is still waiting for its agent, and serves it once it comes.
         qrexec_system.start_agent("vm7", 7)
         qrexec_system.wait_connected(qrexec_system.domains["vm7"])
