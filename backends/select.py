@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from qrexec.backends.base import Backend
 from qrexec.errors import TransportUnavailable
-from qrexec.lazy_logging import get_logger
+from qrexec.lazy_logging import get_logger, sync
 
 log = get_logger(__name__)
 
@@ -58,6 +58,7 @@ def load_backend(explicit: str | None, env: Mapping[str, str]) -> Backend:
             f"emulation with --transport=socket or {TRANSPORT_ENV}=socket "
             f"(or set {SOCKET_DIR_ENV})"
         ) from exc
+    sync()  # a backend that logs through plain logging gets the program's log format
     backend = cast(Any, module).make_backend(env)
     log.info("transport: %s (own domain %d)", name, backend.own_domain)
     return cast(Backend, backend)

@@ -8,6 +8,8 @@ so the root level is WARNING and DEBUG/INFO records would be dropped unseen:
 logging, apply the configuration a client deferred with :func:`configure`, and go to the
 real logger. Once logging is imported (the agent and the daemon, which share the backends
 with the clients; a client run with ``-v``), every call goes straight to the real logger.
+Code that logs through plain :mod:`logging` comes into a client only behind a :func:`sync`,
+which applies the deferred configuration before that code can log.
 
 Not a logging framework: only the methods this project's client paths use.
 """
@@ -44,6 +46,16 @@ def _apply_pending() -> None:
 
         settings, _pending = _pending, None
         logging.basicConfig(**settings)
+
+
+def sync() -> None:
+    """Apply a deferred configuration if logging has been loaded meanwhile.
+
+    Called after importing code that logs through plain :mod:`logging` (the vchan backend,
+    dom0-local services), whose records would otherwise miss the client's format.
+    """
+    if "logging" in sys.modules:
+        _apply_pending()
 
 
 class LazyLogger:

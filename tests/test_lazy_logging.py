@@ -65,3 +65,15 @@ def test_forwards_once_logging_is_loaded_and_configured() -> None:
         "get_logger('qrexec.backends.socket').debug('d')\n"
     )
     assert done.stderr == "app: qrexec.backends.socket d\n"
+
+
+def test_sync_gives_plain_logging_code_the_deferred_format() -> None:
+    done = run(
+        "from qrexec.lazy_logging import configure, sync\n"
+        "configure(debug=False, format='prog: %(message)s')\n"
+        "import logging\n"  # as a backend or dom0-local code that uses plain logging
+        "sync()\n"
+        "logging.getLogger('plain').warning('w')\n"
+        "logging.getLogger('plain').info('below the level')\n"
+    )
+    assert (done.returncode, done.stderr) == (0, "prog: w\n")

@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 
-from qrexec.lazy_logging import configure, get_logger
+from qrexec.lazy_logging import configure, get_logger, sync
 from qrexec.protocol.constants import ExitCode
 
 log = get_logger("qrexec.client")
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dest in DOM0_NAMES and args.connect is None:
         from qrexec.client.local_call import run_local_service
 
+        sync()  # dom0-local services log through plain logging
         code = run_local_service(args.cmdline, env)
         return 0 if args.no_exit_code else code
     from qrexec.client.remote_call import RemoteCall

@@ -54,6 +54,7 @@ def test_local_service_environment_stdio_and_exit_code(
 def test_local_service_errors(qrexec_system: QrexecSystem, services: Path) -> None:
     missing = dom0_client(qrexec_system, services, "DEFAULT:QUBESRPC no.Such vm1")
     assert missing.returncode == 127
+    assert missing.stderr.startswith(b"qrexec-client: service 'no.Such' not found")
     not_default = dom0_client(qrexec_system, services, "root:QUBESRPC no.Such vm1")
     assert not_default.returncode == 125
     shell = dom0_client(qrexec_system, services, "DEFAULT:echo not a service")
