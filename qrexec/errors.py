@@ -107,3 +107,15 @@ class ServiceError(QrexecError):
 
 class ServiceNotFound(ServiceError):
     """No file on the service path names the requested service (exit 127)."""
+
+
+class PamError(ServiceError):
+    """A PAM step refused or failed for a call's user (the call fails with exit 125).
+
+    ``step`` is the libpam function (``pam_authenticate``…), ``code`` its PAM return value.
+    """
+
+    def __init__(self, step: str, code: int, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.code = code
