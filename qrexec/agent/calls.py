@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from qrexec.agent import service_io
 from qrexec.agent.launch import ProcessSpec, service_spec, shell_command_spec, spawn
+from qrexec.agent.pam_launch import start_pam_process
 from qrexec.agent.rpc_config import RpcConfig, load_rpc_config
 from qrexec.agent.service_lookup import (
     DomainRoot,
@@ -32,7 +33,7 @@ from qrexec.agent.service_lookup import (
     find_config,
     find_service,
 )
-from qrexec.agent.users import resolve_user
+from qrexec.agent.users import DEFAULT_PAM_SERVICE, resolve_user
 from qrexec.backends.base import AsyncStream, Backend
 from qrexec.errors import (
     ProtocolError,
@@ -72,6 +73,8 @@ class AgentSettings:
     #: dom0 gives services the requested-target variables (spec §7).
     in_dom0: bool = False
     agent_pid: int = field(default_factory=os.getpid)
+    #: PAM service of a root agent's calls, used when configured ("" = never).
+    pam_service: str = DEFAULT_PAM_SERVICE
 
 
 @dataclass
@@ -140,7 +143,9 @@ class CallRunner:
                 user = prepared.config.force_user or user
                 if prepared.config.wait_for_session and not command.nogui:
                     await self.wait_for_session(user, rpc.source)
-            run_as = resolve_user(user, settings.root, settings.env)
+            run_as = resolve_user(
+                user, settings.root, settings.env, pam_service=settings.pam_service
+            )
             if prepared.rpc is None:
                 prepared.spec = shell_command_spec(
                     command.command, run_as, settings.env, settings.agent_pid
@@ -227,7 +232,7 @@ class CallRunner:
             await channel.send_exit(ExitCode.PROBLEM)
             return
         try:
-            proc = spawn(
+            proc = await start_process(
                 prepared.spec,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -245,7 +250,9 @@ class CallRunner:
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
         try:
-            proc = spawn(spec, stdin=theirs.fileno(), stdout=stdout_w, stderr=stderr_w)
+            proc = await start_process(
+                spec, stdin=theirs.fileno(), stdout=stdout_w, stderr=stderr_w
+            )
         except ServiceError as exc:
             log.warning("%s", exc)
             for fd in (stdout_r, stdout_w, stderr_r, stderr_w):
@@ -282,6 +289,17 @@ class CallRunner:
             exit_on_client_eof=config.exit_on_client_eof,
             exit_on_service_eof=config.exit_on_service_eof,
         )
+
+
+async def start_process(
+    spec: ProcessSpec, *, stdin: int, stdout: int, stderr: int
+) -> subprocess.Popen[bytes]:
+    """Start a call's process, through its PAM session when it has one."""
+    if spec.run_as.pam_service is not None:
+        return await start_pam_process(
+            spec, spec.run_as.pam_service, stdin=stdin, stdout=stdout, stderr=stderr
+        )
+    return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr)
 
 
 def check_executable(program: str) -> None:

@@ -4,10 +4,11 @@ Usage (spec §8, plus the emulation's options)::
 
     qrexec-agent [-a/--agent-socket PATH] [-s/--fork-server-socket PATTERN]
                  [-S/--no-fork-server] [--transport {socket,vchan}] [--domain-root DIR]
-                 [-v/--verbose]
+                 [--pam-service NAME] [-v/--verbose]
 
 Environment: ``QREXEC_AGENT_SOCKET`` (trigger socket, default
 ``/var/run/qubes/qrexec-agent``), ``QREXEC_DOMAIN_ROOT`` (emulated domain root),
+``QREXEC_PAM_SERVICE`` (PAM service of a root agent, default ``qrexec``, empty for none),
 ``QREXEC_SERVICE_PATH``, ``QUBES_RPC_CONFIG_PATH``, ``QREXEC_PROTOCOL_VERSION`` (cap our
 version), ``QREXEC_TRANSPORT`` / ``VCHAN_DOMAIN`` / ``VCHAN_SOCKET_DIR`` (transport).
 
@@ -38,6 +39,7 @@ from qrexec.agent.service_lookup import (
     DomainRoot,
     search_path,
 )
+from qrexec.agent.users import DEFAULT_PAM_SERVICE, PAM_SERVICE_ENV, pam_service_name
 from qrexec.backends.select import load_backend
 from qrexec.errors import QrexecError
 
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain-root",
         help="folder standing for / of this (emulated) domain (env QREXEC_DOMAIN_ROOT)",
     )
+    parser.add_argument(
+        "--pam-service",
+        help=f"PAM service a root agent switches users through when it is configured "
+        f"(env {PAM_SERVICE_ENV}, default {DEFAULT_PAM_SERVICE}; empty: never PAM)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -88,6 +95,7 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
         config_path=search_path(env, RPC_CONFIG_PATH_ENV, DEFAULT_RPC_CONFIG_PATH),
         env=env,
         own_version=own_protocol_version(env),
+        pam_service=pam_service_name(args.pam_service, env),
     )
 
 
