@@ -130,8 +130,13 @@ class QrexecSystem:
         user: str | None = None,
         wrapper: Sequence[str] = (),
     ) -> ProcessRecord:
-        """Start an agent (as ``user`` when given: root only; under ``wrapper``)."""
+        """Start an agent (as ``user`` when given: root only; under ``wrapper``).
+
+        Its trigger socket is in the test's folder unless ``env`` names one: the default,
+        /var/run/qubes/qrexec-agent, is the host's and shared by every test.
+        """
         dom = self.domain(name, domid)
+        env = {"QREXEC_AGENT_SOCKET": str(self.base / f"agent.{name}.sock"), **(env or {})}
         argv = [
             *wrapper,
             sys.executable,
