@@ -77,7 +77,8 @@ def start_vm(base: Path) -> tuple[dict[str, str], list[processes.ProcessRecord]]
         "agent",
         "vm1",
         [sys.executable, "-m", "qrexec.agent.cli", "--domain-root", str(base / "root")],
-        {**env, "VCHAN_DOMAIN": "1"},
+        # Its trigger socket stays in the bench's folder, not the host's /var/run/qubes.
+        {**env, "VCHAN_DOMAIN": "1", "QREXEC_AGENT_SOCKET": str(base / "agent.sock")},
         base / "agent.log",
     )
     daemon, _ = processes.spawn(
