@@ -166,3 +166,23 @@ def test_without_the_service_file_the_plain_switch_still_works(
     vm_home = open_system.domains["vm1"].root / "home" / account
     assert result.stdout == f"{account}\n{vm_home}\n".encode(), result.stderr
     assert os.stat(vm_home).st_uid != 0
+
+
+def test_a_debian_style_service_applies_session_limits_to_the_call_only(
+    open_system: QrexecSystem, account: str, pam_service: WriteService
+) -> None:
+    """pam_rootok, pam_limits and the system's non-interactive session stack, as a VM's
+    /etc/pam.d/qrexec would have them; the limit reaches the call, not the agent."""
+    limits = open_system.base / "limits.conf"
+    limits.write_text(f"{account} hard nofile 123\n")
+    service = pam_service(
+        "auth sufficient pam_rootok.so\n"
+        f"session required pam_limits.so conf={limits}\n"
+        "@include common-session-noninteractive\n"
+    )
+    start_vm_with_pam(open_system, service)
+    result = open_system.client("vm1", f"{account}:id -un; ulimit -Hn")
+    assert (result.returncode, result.stdout) == (0, f"{account}\n123\n".encode()), result.stderr
+    root_call = open_system.client("vm1", "root:ulimit -Hn")
+    assert root_call.returncode == 0
+    assert root_call.stdout != b"123\n"
