@@ -116,13 +116,14 @@ async def start_pam_process(
             if not chunk:
                 break
             report += chunk
+    except BaseException:  # cancelled (agent shutting down): still never leave a zombie
+        service_io.reap_in_background(proc)
+        raise
     finally:
         os.close(status_fd)
-    failure = status_error(report, proc.poll())
-    if failure is None:
+    if status_error(report, None) is None:
         return proc
-    if not report:
-        failure = status_error(report, await service_io.wait_process(proc))
-    else:
-        service_io.reap_in_background(proc)
+    # The helper exits at once after a failure (closing a session it opened): wait for
+    # it, so that the call's end also means the end of its PAM session.
+    failure = status_error(report, await service_io.wait_process(proc))
     raise ServiceError(f"PAM service {service!r}, user {spec.run_as.name!r}: {failure}")

@@ -94,10 +94,14 @@ def test_calls_run_in_a_pam_session_of_the_user(
         f"open_session {account} {service}\nclose_session {account} {service}\n"
     )
 
+    # The helper (Python) ignores SIGPIPE; the call's process must not inherit that.
+    piped = open_system.client("vm1", f"{account}:yes | head -n 1")
+    assert (piped.returncode, piped.stdout, piped.stderr) == (0, b"y\n", b"")
+
     vm.write_service("test.PamEnv", '#!/bin/sh\necho "$QRX_PAM_MARK $QREXEC_REMOTE_DOMAIN $1"\n')
     rpc = open_system.client("vm1", f"{account}:QUBESRPC test.PamEnv+arg src")
     assert (rpc.returncode, rpc.stdout) == (0, b"from-pam src arg\n")
-    assert marker_log.read_text().count(f"close_session {account} {service}\n") == 2
+    assert marker_log.read_text().count(f"close_session {account} {service}\n") == 3
 
 
 def test_a_refusing_pam_service_fails_the_call_with_125(
