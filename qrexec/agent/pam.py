@@ -160,8 +160,9 @@ class PamSession:
         if not self._handle:
             raise PamError(name, PAM_ABORT, "the PAM transaction has ended")
         code = int(getattr(self._pam, name)(self._handle, flags))
-        self._status = code
         if code != PAM_SUCCESS:
+            if self._status == PAM_SUCCESS:
+                self._status = code  # pam_end hears of the first failure
             raise PamError(name, code, self.strerror(code))
 
     def strerror(self, code: int) -> str:
@@ -205,7 +206,7 @@ class PamSession:
         return result
 
     def end(self) -> None:
-        """``pam_end`` with the last step's status; later calls do nothing."""
+        """``pam_end`` with the first failed step's status; later calls do nothing."""
         if self._handle:
             self._pam.pam_end(self._handle, self._status)
             self._handle = ctypes.c_void_p()

@@ -136,7 +136,12 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise PamError("initgroups", 0, exc.strerror or str(exc)) from None
         session.establish_credentials()
-        session.open_session()
+        try:
+            session.open_session()
+        except PamError:
+            with contextlib.suppress(PamError):
+                session.delete_credentials()
+            raise
         env = merge_environment(os.environ, session.environment())
         _report(status_fd, STATUS_SESSION_OPEN)
         try:
