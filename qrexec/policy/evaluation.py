@@ -163,15 +163,12 @@ def decide(
         resolved, why = final_target(wanted, source, info, autostart=rule.autostart)
         if resolved is None:
             return Resolution.deny(request, f"{where}: {why}", rule=rule.ref)
-        return Resolution(
-            action=Action.ALLOW,
-            request=request,
-            target=resolved,
+        return Resolution.allow(
+            request,
+            resolved,
             user=rule.user,
             autostart=rule.autostart,
             notify=rule.notify,
-            default_target=None,
-            targets_for_ask=(),
             rule=rule.ref,
             reason=f"allowed by {where}",
         )
@@ -244,15 +241,12 @@ def resolve_ask(resolution: Resolution, chosen: str, info: SystemInfo) -> Resolu
     resolved, why = final_target(chosen, source, info, autostart=resolution.autostart)
     if resolved is None:
         return Resolution.deny(request, why, rule=resolution.rule)
-    return Resolution(
-        action=Action.ALLOW,
-        request=request,
-        target=resolved,
+    return Resolution.allow(
+        request,
+        resolved,
         user=resolution.user,
         autostart=resolution.autostart,
         notify=resolution.notify,
-        default_target=None,
-        targets_for_ask=(),
         rule=resolution.rule,
         reason=f"{resolution.reason}; user chose {resolved}",
     )

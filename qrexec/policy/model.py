@@ -86,6 +86,32 @@ class Resolution:
         return self.action is Action.ALLOW
 
     @classmethod
+    def allow(
+        cls,
+        request: Request,
+        target: str,
+        *,
+        user: str | None,
+        autostart: bool,
+        notify: bool,
+        rule: RuleRef | None,
+        reason: str,
+    ) -> Resolution:
+        """A granted call to the already resolved ``target``."""
+        return cls(
+            action=Action.ALLOW,
+            request=request,
+            target=target,
+            user=user,
+            autostart=autostart,
+            notify=notify,
+            default_target=None,
+            targets_for_ask=(),
+            rule=rule,
+            reason=reason,
+        )
+
+    @classmethod
     def deny(
         cls, request: Request, reason: str, *, rule: RuleRef | None = None, notify: bool = True
     ) -> Resolution:
