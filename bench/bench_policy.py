@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from qrexec.policy.fs_loader import load_policy
-from qrexec.policy.memory_store import policy_from_text
-from qrexec.policy.model import Action, Request
-from qrexec.policy.paths import PolicyPaths
-from qrexec.policy.policy import Policy
-from qrexec.policy.system_info import SystemInfo, parse_system_info
+from qrexec.policy.engine.model import Action, Request
+from qrexec.policy.engine.policy import Policy
+from qrexec.policy.engine.system_info import SystemInfo, parse_system_info
+from qrexec.policy.loading.fs_loader import load_policy
+from qrexec.policy.loading.memory_store import policy_from_text
+from qrexec.policy.loading.paths import PolicyPaths
 
 SERVICES = 200
 SPECIFIC_RULES = 9_990

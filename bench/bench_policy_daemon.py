@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from qrexec.policy.daemon import build_parser, serve
+from qrexec.policy.decision.daemon import build_parser, serve
 
 QUERY = b"source=work\nrequested_source=\nintended_target=personal\nservice_and_arg=test.Add+\n\n"
 POLICY = "\n".join(

@@ -68,7 +68,7 @@ def bring_up(base: Path, records: list[processes.ProcessRecord]) -> dict[str, st
     policy, _ = processes.spawn(
         "policy",
         "dom0",
-        [sys.executable, "-m", "qrexec.policy.daemon", "--eval-socket-path", "",
+        [sys.executable, "-m", "qrexec.policy.decision.daemon", "--eval-socket-path", "",
          "--gui-socket-path", "", "-q", "--socket-path", str(base / "policy.sock")],
         environment(base, 0, dom0),
         base / "logs" / "policy.log",

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from qrexec.errors import QrexecError
-from qrexec.policy.ask import parse_script
+from qrexec.policy.decision.ask import parse_script
 
 #: Domain types a topology may declare (dom0 is implicit and is the only AdminVM).
 DOMAIN_TYPES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM")

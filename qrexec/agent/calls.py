@@ -3,7 +3,7 @@
 Steps: parse ``USER:[nogui:]COMMAND``; for ``QUBESRPC`` calls look the service and its
 rpc-config up and honour ``force-user`` and ``wait-for-session``; decide the user
 (:mod:`.users`); connect the data vchan as client of ``(connect_domain, connect_port)``
-(120 s, as upstream); exchange HELLOs; run and relay (:mod:`.service_io`). A call that
+(120 s, as upstream); exchange HELLOs; run and relay (:mod:`qrexec.services.relay`). A call that
 cannot run still connects and answers with exit code 127 (not found) or 125 (any other
 problem), so the caller never hangs. The caller of :meth:`CallRunner.run` sends
 CONNECTION_TERMINATED afterwards.
@@ -22,18 +22,6 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from qrexec.agent import service_io
-from qrexec.agent.launch import ProcessSpec, service_spec, shell_command_spec, spawn
-from qrexec.agent.pam_launch import start_pam_process
-from qrexec.agent.rpc_config import RpcConfig, load_rpc_config
-from qrexec.agent.service_lookup import (
-    DomainRoot,
-    ServiceKind,
-    ServiceTarget,
-    find_config,
-    find_service,
-)
-from qrexec.agent.users import DEFAULT_PAM_SERVICE, resolve_user
 from qrexec.backends.base import AsyncStream, Backend
 from qrexec.errors import (
     ProtocolError,
@@ -51,7 +39,19 @@ from qrexec.protocol.cmdline import (
 )
 from qrexec.protocol.constants import ExitCode, MsgType
 from qrexec.protocol.messages import ExecRequest
-from qrexec.unix_address import unix_address
+from qrexec.services import relay
+from qrexec.services.launch import ProcessSpec, service_spec, shell_command_spec, spawn
+from qrexec.services.lookup import (
+    DomainRoot,
+    ServiceKind,
+    ServiceTarget,
+    find_config,
+    find_service,
+)
+from qrexec.services.pam_launch import start_pam_process
+from qrexec.services.rpc_config import RpcConfig, load_rpc_config
+from qrexec.services.sockets import connect_service_socket
+from qrexec.services.users import DEFAULT_PAM_SERVICE, resolve_user
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,14 @@ class CallRunner:
             with contextlib.suppress(BrokenPipeError):
                 proc.stdin.write(user.encode() + b"\n")
             proc.stdin.close()
-            code = await service_io.wait_process(proc)
+            code = await relay.wait_process(proc)
             log.info("%s for %s exited with %d", WAIT_FOR_SESSION_SERVICE, user, code)
 
     async def _serve(
         self, stream: AsyncStream, request: ExecRequest, prepared: PreparedCall
     ) -> None:
-        version = await service_io.handshake(stream, self.settings.own_version)
-        channel = service_io.DataChannel(stream, version)
+        version = await relay.handshake(stream, self.settings.own_version)
+        channel = relay.DataChannel(stream, version)
         if prepared.error is not None:
             if request.msg_type is MsgType.JUST_EXEC:
                 await channel.send_exit(prepared.error_code)
@@ -226,7 +226,7 @@ class CallRunner:
             code = await self._run_socket(channel, prepared)
         log.info("call on port %d finished with %s", request.connect_port, code)
 
-    async def _just_exec(self, channel: service_io.DataChannel, prepared: PreparedCall) -> None:
+    async def _just_exec(self, channel: relay.DataChannel, prepared: PreparedCall) -> None:
         """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start)."""
         if prepared.spec is None:
             await channel.send_exit(ExitCode.PROBLEM)
@@ -242,10 +242,10 @@ class CallRunner:
             log.warning("%s", exc)
             await channel.send_exit(ExitCode.PROBLEM)
             return
-        service_io.reap_in_background(proc)
+        relay.reap_in_background(proc)
         await channel.send_exit(ExitCode.OK)
 
-    async def _run_process(self, channel: service_io.DataChannel, spec: ProcessSpec) -> int | None:
+    async def _run_process(self, channel: relay.DataChannel, spec: ProcessSpec) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -264,11 +264,9 @@ class CallRunner:
         theirs.close()
         os.close(stdout_w)
         os.close(stderr_w)
-        return await service_io.relay_process(channel, proc, ours, stdout_r, stderr_r)
+        return await relay.relay_process(channel, proc, ours, stdout_r, stderr_r)
 
-    async def _run_socket(
-        self, channel: service_io.DataChannel, prepared: PreparedCall
-    ) -> int | None:
+    async def _run_socket(self, channel: relay.DataChannel, prepared: PreparedCall) -> int | None:
         target, rpc, config = prepared.target, prepared.rpc, prepared.config
         assert target is not None and rpc is not None
         try:
@@ -277,13 +275,13 @@ class CallRunner:
             log.warning("%s", exc)
             await channel.finish_early(ExitCode.PROBLEM)
             return ExitCode.PROBLEM
-        if not config.skip_service_descriptor and not await service_io.write_fd(
+        if not config.skip_service_descriptor and not await relay.write_fd(
             sock.fileno(), rpc.descriptor
         ):
             sock.close()
             await channel.finish_early(ExitCode.PROBLEM)
             return ExitCode.PROBLEM
-        return await service_io.relay_socket(
+        return await relay.relay_socket(
             channel,
             sock,
             exit_on_client_eof=config.exit_on_client_eof,
@@ -309,29 +307,3 @@ def check_executable(program: str) -> None:
     """
     if not os.path.isfile(program) or not os.access(program, os.X_OK):
         raise ServiceError(f"service program {program} is missing or not executable")
-
-
-async def connect_service_socket(target: ServiceTarget) -> socket.socket:
-    """Connect to a unix-socket or ``/dev/tcp`` service; ServiceError when it fails."""
-    loop = asyncio.get_running_loop()
-    if target.kind is ServiceKind.TCP:
-        assert target.tcp is not None
-        host, port = target.tcp
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        address: str | tuple[str, int] = (host, port)
-    else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = target.path
-    sock.setblocking(False)
-    try:
-        if isinstance(address, str):
-            # Deep domain roots give paths longer than a sockaddr_un holds.
-            with unix_address(address) as reachable:
-                await loop.sock_connect(sock, reachable)
-        else:
-            await loop.sock_connect(sock, address)
-    except OSError as exc:
-        sock.close()
-        raise ServiceError(f"cannot connect to service {target.path}: {exc}") from None
-    return sock

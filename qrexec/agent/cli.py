@@ -30,8 +30,9 @@ import sys
 
 from qrexec.agent.calls import AgentSettings
 from qrexec.agent.control import Agent
-from qrexec.agent.service_io import ignore_sigusr1
-from qrexec.agent.service_lookup import (
+from qrexec.backends.select import load_backend
+from qrexec.errors import QrexecError
+from qrexec.services.lookup import (
     DEFAULT_RPC_CONFIG_PATH,
     DEFAULT_SERVICE_PATH,
     RPC_CONFIG_PATH_ENV,
@@ -39,9 +40,8 @@ from qrexec.agent.service_lookup import (
     DomainRoot,
     search_path,
 )
-from qrexec.agent.users import DEFAULT_PAM_SERVICE, PAM_SERVICE_ENV, pam_service_name
-from qrexec.backends.select import load_backend
-from qrexec.errors import QrexecError
+from qrexec.services.relay import ignore_sigusr1
+from qrexec.services.users import DEFAULT_PAM_SERVICE, PAM_SERVICE_ENV, pam_service_name
 
 log = logging.getLogger("qrexec.agent")
 

@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qrexec.agent.calls import AgentSettings, CallRunner
-from qrexec.agent.service_io import handshake
 from qrexec.backends.base import AsyncStream, Backend
 from qrexec.errors import ProtocolError, TransportError
 from qrexec.protocol.constants import VCHAN_CONTROL_PORT, VCHAN_CONTROL_RING_SIZE, MsgType
 from qrexec.protocol.framing import FrameDecoder
 from qrexec.protocol.messages import ConnectionTerminated, ExecRequest, Message, encode
+from qrexec.services.relay import handshake
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,6 @@ import pwd
 import socket
 import threading
 
-from qrexec.agent.launch import service_spec, spawn
-from qrexec.agent.service_lookup import (
-    DomainRoot,
-    ServiceKind,
-    ServiceTarget,
-    find_service_in_env,
-)
-from qrexec.agent.users import RunAs
 from qrexec.client.daemon_socket import connect_unix
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound
 from qrexec.protocol.cmdline import (
@@ -32,6 +24,14 @@ from qrexec.protocol.cmdline import (
     parse_user_command,
 )
 from qrexec.protocol.constants import SIGNAL_EXIT_BASE, ExitCode
+from qrexec.services.launch import service_spec, spawn
+from qrexec.services.lookup import (
+    DomainRoot,
+    ServiceKind,
+    ServiceTarget,
+    find_service_in_env,
+)
+from qrexec.services.users import RunAs
 
 log = logging.getLogger(__name__)
 

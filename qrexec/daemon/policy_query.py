@@ -3,7 +3,7 @@
 Primary: the policy daemon socket (``--policy-socket``, env ``QREXEC_POLICY_SOCKET``,
 default ``/run/qubes/policy.sock``): one §6.1 query (``source``, ``requested_source`` for
 v4 triggers only, ``intended_target``, ``service_and_arg``), the answer read to EOF (at
-most 4096 bytes) and parsed strictly (:func:`qrexec.policy.wire.parse_response`).
+most 4096 bytes) and parsed strictly (:func:`qrexec.policy.decision.wire.parse_response`).
 
 Fallback, when the socket is missing or refuses the connection, or its answer is
 malformed, cut short or absent: run the policy program (``-p``, default
@@ -12,7 +12,7 @@ requested source, as upstream), parse its stdout by the same rules, and treat a 
 exit as a failure. ``qrexec-policy-exec`` exits 1 on an ordinary deny, so such a deny is
 logged as a policy program failure, as upstream does; the call is refused either way.
 
-Whatever goes wrong, the outcome is a deny (:data:`~qrexec.policy.wire.DENY`) with the
+Whatever goes wrong, the outcome is a deny (:data:`~qrexec.policy.decision.wire.DENY`) with the
 reason logged: this module never raises for a policy problem.
 """
 
@@ -24,7 +24,13 @@ from dataclasses import dataclass
 
 from qrexec.daemon.vm_calls_peers import open_unix
 from qrexec.errors import ProtocolError
-from qrexec.policy.wire import DENY, MAX_RESPONSE_BYTES, PolicyQuery, PolicyResponse, parse_response
+from qrexec.policy.decision.wire import (
+    DENY,
+    MAX_RESPONSE_BYTES,
+    PolicyQuery,
+    PolicyResponse,
+    parse_response,
+)
 
 log = logging.getLogger(__name__)
 

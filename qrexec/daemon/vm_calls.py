@@ -56,7 +56,7 @@ from qrexec.daemon.policy_query import PolicySettings, ask_policy
 from qrexec.daemon.vm_calls_dom0 import run_dom0_service
 from qrexec.daemon.vm_calls_peers import PeerError, TargetDaemon, admin_call
 from qrexec.errors import InvalidField, QrexecError
-from qrexec.policy.wire import PolicyQuery, PolicyResponse
+from qrexec.policy.decision.wire import PolicyQuery, PolicyResponse
 from qrexec.protocol.cmdline import (
     build_rpc_command,
     build_user_command,

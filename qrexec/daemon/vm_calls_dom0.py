@@ -28,17 +28,17 @@ import pwd
 import socket
 from collections.abc import Mapping
 
-from qrexec.agent import service_io
-from qrexec.agent.calls import connect_service_socket
-from qrexec.agent.launch import service_spec, spawn
-from qrexec.agent.service_lookup import DomainRoot, ServiceKind, find_service_in_env
-from qrexec.agent.users import resolve_user
 from qrexec.backends.base import Backend
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound, TransportError
 from qrexec.protocol.cmdline import RpcCall, parse_rpc_command
 from qrexec.protocol.constants import ExitCode
 from qrexec.protocol.messages import Hello, encode
 from qrexec.protocol.negotiation import negotiate
+from qrexec.services import relay
+from qrexec.services.launch import service_spec, spawn
+from qrexec.services.lookup import DomainRoot, ServiceKind, find_service_in_env
+from qrexec.services.sockets import connect_service_socket
+from qrexec.services.users import resolve_user
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,10 @@ async def run_dom0_service(
         log.warning("domain %d did not serve data port %d: %s", vm_domid, port, exc)
         return None
     try:
-        peer = await service_io.read_hello(stream)
+        peer = await relay.read_hello(stream)
         version = negotiate(own_version, peer)
         await stream.send(encode(Hello(version)))
-        channel = service_io.DataChannel(stream, version)
+        channel = relay.DataChannel(stream, version)
         if call is None:
             await channel.finish_early(ExitCode.PROBLEM)
             return int(ExitCode.PROBLEM)
@@ -81,7 +81,7 @@ async def run_dom0_service(
         stream.close()
 
 
-async def _serve(channel: service_io.DataChannel, call: RpcCall, env: Mapping[str, str]) -> int:
+async def _serve(channel: relay.DataChannel, call: RpcCall, env: Mapping[str, str]) -> int:
     root = DomainRoot.from_env(None, env)
     try:
         target, config = find_service_in_env(call.name, env, root)
@@ -101,13 +101,13 @@ async def _serve(channel: service_io.DataChannel, call: RpcCall, env: Mapping[st
             log.warning("%s", exc)
             await channel.finish_early(ExitCode.PROBLEM)
             return int(ExitCode.PROBLEM)
-        if not config.skip_service_descriptor and not await service_io.write_fd(
+        if not config.skip_service_descriptor and not await relay.write_fd(
             sock.fileno(), call.descriptor
         ):
             sock.close()
             await channel.finish_early(ExitCode.PROBLEM)
             return int(ExitCode.PROBLEM)
-        code: int | None = await service_io.relay_socket(
+        code: int | None = await relay.relay_socket(
             channel,
             sock,
             exit_on_client_eof=config.exit_on_client_eof,
@@ -132,5 +132,5 @@ async def _serve(channel: service_io.DataChannel, call: RpcCall, env: Mapping[st
         return int(ExitCode.PROBLEM)
     theirs.close()
     os.close(stdout_w)
-    code = await service_io.relay_process(channel, proc, ours, stdout_r, no_stderr_r)
+    code = await relay.relay_process(channel, proc, ours, stdout_r, no_stderr_r)
     return int(ExitCode.PROBLEM) if code is None else code

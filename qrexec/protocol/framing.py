@@ -49,6 +49,7 @@ from qrexec.protocol.messages import (
     TRIGGER_V2_SIZE,
     TRIGGER_V3_PREFIX,
     TRIGGER_V4_PREFIX,
+    Hello,
     Message,
     decode_payload,
     encode,
@@ -129,6 +130,26 @@ def check_header(
     if length < low:
         raise RemoteProtocolError(f"{kind.name} payload is {length} bytes, below {low}")
     return kind
+
+
+def hello_length(header: bytes) -> int:
+    """Check that a frame header announces a HELLO; return its payload length.
+
+    The sans-I/O half of reading a peer's HELLO: whoever owns the stream reads exactly
+    ``HEADER_SIZE`` bytes, calls this, reads that many bytes and passes them to
+    :func:`hello_version`. Anything but a well-formed HELLO is a RemoteProtocolError.
+    """
+    msg_type, length = HEADER.unpack(header)
+    check_header(msg_type, length, MIN_PROTOCOL_VERSION, allowed=(MsgType.HELLO,))
+    return int(length)
+
+
+def hello_version(payload: bytes) -> int:
+    """The protocol version a HELLO payload announces."""
+    hello = decode_payload(MsgType.HELLO, payload)
+    if not isinstance(hello, Hello):
+        raise RemoteProtocolError("HELLO payload did not decode as HELLO")
+    return hello.version
 
 
 class FrameDecoder:

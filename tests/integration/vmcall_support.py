@@ -109,7 +109,7 @@ class VmCallSystem:
         argv = [
             sys.executable,
             "-m",
-            "qrexec.policy.daemon",
+            "qrexec.policy.decision.daemon",
             "--socket-path",
             str(self.policy_socket),
             "--eval-socket-path",

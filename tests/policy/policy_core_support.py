@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from qrexec.policy.memory_store import policy_from_text
-from qrexec.policy.model import Request, Resolution
-from qrexec.policy.policy import Policy
-from qrexec.policy.system_info import SystemInfo, parse_system_info
+from qrexec.policy.engine.model import Request, Resolution
+from qrexec.policy.engine.policy import Policy
+from qrexec.policy.engine.system_info import SystemInfo, parse_system_info
+from qrexec.policy.loading.memory_store import policy_from_text
 
 VM1_UUID = "11111111-1111-1111-1111-111111111111"
 VM2_UUID = "22222222-2222-2222-2222-222222222222"

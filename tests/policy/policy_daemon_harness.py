@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qrexec.policy.daemon import build_parser, serve
+from qrexec.policy.decision.daemon import build_parser, serve
 
 UUIDS = {
     "work": "11111111-1111-1111-1111-111111111111",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from qrexec.errors import SystemInfoError
-from qrexec.policy.system_info import parse_system_info
-from qrexec.policy.xen_system_info import (
+from qrexec.policy.engine.system_info import parse_system_info
+from qrexec.policy.tools.xen_system_info import (
     build_system_info_data,
     read_config,
     write_json_atomically,
