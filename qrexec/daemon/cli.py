@@ -36,7 +36,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from qrexec.backends.select import load_backend
-from qrexec.daemon.core import Daemon, DaemonConfig
+from qrexec.daemon.config import DaemonConfig
+from qrexec.daemon.core import Daemon
 from qrexec.errors import QrexecError
 
 log = logging.getLogger("qrexec.daemon")

@@ -31,9 +31,11 @@ import contextlib
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from qrexec.daemon.ports import is_data_port
+from qrexec.daemon.config import DaemonConfig
+from qrexec.daemon.pending import PendingRequests
+from qrexec.daemon.ports import PortAllocator, is_data_port
 from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError
 from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
 from qrexec.protocol.constants import CLIENT_SOCKET_PROTOCOL_VERSION, HEADER_SIZE, MsgType
@@ -53,8 +55,23 @@ from qrexec.protocol.messages import (
 from qrexec.protocol.negotiation import negotiate_client_socket
 from qrexec.unix_address import unix_address
 
-if TYPE_CHECKING:
-    from qrexec.daemon.core import Daemon
+
+class AgentLink(Protocol):
+    """What the client server needs of its daemon (:class:`qrexec.daemon.core.Daemon`).
+
+    A protocol rather than an import, so the daemon can own its client server without the
+    two modules importing each other.
+    """
+
+    config: DaemonConfig
+    generation: int
+    pending: PendingRequests
+    ports: PortAllocator
+
+    async def send_to_agent(self, message: Message, generation: int | None = None) -> bool:
+        """Send one message to the agent of ``generation``; False when it is gone."""
+        ...
+
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +127,7 @@ class Client:
 class ClientServer:
     """The listening socket, its links, and the clients of one daemon."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: AgentLink) -> None:
         self.daemon = daemon
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[Client] = set()

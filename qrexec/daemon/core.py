@@ -26,15 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from qrexec.agent.service_io import read_hello
 from qrexec.backends.base import AsyncStream, Backend
+from qrexec.daemon.clients import ClientServer
+from qrexec.daemon.config import DaemonConfig
 from qrexec.daemon.pending import PendingRequests
 from qrexec.daemon.ports import PortAllocator, is_data_port
 from qrexec.errors import InvalidField, RemoteProtocolError, TransportError
 from qrexec.protocol.constants import (
-    MAX_DATA_PORTS,
     VCHAN_CONTROL_PORT,
     MsgType,
 )
@@ -51,6 +50,7 @@ from qrexec.protocol.messages import (
     encode,
 )
 from qrexec.protocol.negotiation import agent_message_types, negotiate
+from qrexec.services.relay import read_hello
 
 log = logging.getLogger(__name__)
 
@@ -58,28 +58,6 @@ AgentHandler = Callable[[Message], Awaitable[None]]
 CONTROL_RECV_SIZE = 65536
 #: The agent's HELLO must come this soon after the vchan connects.
 HELLO_TIMEOUT = 30.0
-
-
-@dataclass
-class DaemonConfig:
-    """Settings of one daemon (command line and environment, see :mod:`.cli`)."""
-
-    domid: int
-    name: str
-    default_user: str = "user"
-    uuid: str | None = None
-    socket_dir: str = "/var/run/qubes"
-    own_version: int = 4
-    startup_timeout: float = 60.0
-    policy_program: str = "/usr/bin/qrexec-policy-exec"
-    policy_socket: str = "/run/qubes/policy.sock"
-    qubesd_socket: str = "/run/qubesd.sock"
-    #: Most clients connected to the daemon socket at once.
-    max_clients: int = 256
-    #: Most data connections (reserved ports) of this VM at once.
-    max_connections: int = MAX_DATA_PORTS
-    #: Most bytes of client messages held by the daemon at once (per VM).
-    max_buffered: int = 4 * 1024 * 1024
 
 
 class AgentGone(Exception):
@@ -90,8 +68,6 @@ class Daemon:
     """State and control channel of one daemon; clients live in :class:`.clients.ClientServer`."""
 
     def __init__(self, backend: Backend, config: DaemonConfig) -> None:
-        from qrexec.daemon.clients import ClientServer
-
         self.backend = backend
         self.config = config
         self.ports = PortAllocator(config.domid, config.max_connections)
