@@ -32,21 +32,24 @@ This module is the **blocking** face and never imports asyncio; the asyncio face
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
 import socket
-import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
+from qrexec.backends.socket_setup import (
+    CONNECT_RETRY_FIRST,
+    BoundSocket,
+    connect_once,
+    next_retry_delay,
+)
 from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
 from qrexec.lazy_logging import get_logger
-from qrexec.unix_address import unix_address
 
 if TYPE_CHECKING:
     from qrexec.backends.socket_async import AsyncSocketListener, AsyncSocketStream
@@ -64,12 +67,6 @@ LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 #: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
 MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
-#: Client retry back-off: start short (a server usually appears within milliseconds), double,
-#: cap so that a long wait costs a few wake-ups per second, not a busy loop.
-CONNECT_RETRY_FIRST = 0.001
-CONNECT_RETRY_MAX = 0.05
-#: Errors meaning "no server yet": no file, stale file / no listener, backlog full.
-RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
 
 #: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
 RECV_CHUNK_MAX = 256 * 1024
@@ -215,56 +212,6 @@ class SocketStream:
         self._guard.close()
 
 
-@contextlib.contextmanager
-def _addressable(path: Path) -> Iterator[str]:
-    """An AF_UNIX address for ``path``, even when it is longer than ``sun_path`` allows
-    (:func:`qrexec.unix_address.unix_address`), with its failures as transport errors."""
-    with contextlib.ExitStack() as stack:
-        try:
-            address = stack.enter_context(unix_address(path))
-        except FileNotFoundError:
-            raise  # no directory yet: a connecting client keeps waiting
-        except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                raise TransportUnavailable(
-                    f"vchan socket name too long for AF_UNIX: {path.name}"
-                ) from exc
-            raise TransportUnavailable(
-                f"cannot open vchan socket directory {path.parent}: {exc}"
-            ) from exc
-        yield address
-
-
-class BoundSocket:
-    """A listening socket bound at a vchan path, shared by both faces' listeners."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            with _addressable(path) as address:
-                sock.bind(address)
-            info = path.stat()
-            sock.listen(1)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self.path = path
-        self._identity = (info.st_dev, info.st_ino)
-
-    def unlink_if_ours(self) -> None:
-        """Remove the socket file unless someone else has bound the name since."""
-        try:
-            info = self.path.lstat()
-            if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._identity:
-                self.path.unlink()
-        except OSError:
-            pass
-
-
 class SocketListener:
     """A server waiting for its one client, blocking face."""
 
@@ -316,29 +263,6 @@ class SocketListener:
     def close(self) -> None:
         if self._guard.close():
             self._bound.unlink_if_ours()
-
-
-def connect_once(path: Path) -> socket.socket | None:
-    """Try to connect to ``path``; None while there is no server to take the call."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        # AF_UNIX connects complete at once: success, or an error (EAGAIN if backlog is full).
-        with _addressable(path) as address:
-            sock.connect(address)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in RETRY_ERRNOS:
-            return None
-        raise TransportUnavailable(f"cannot connect to vchan socket {path}: {exc}") from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def next_retry_delay(delay: float) -> float:
-    return min(delay * 2, CONNECT_RETRY_MAX)
 
 
 class SocketBackend:

@@ -15,7 +15,7 @@ import logging
 import socket
 from pathlib import Path
 
-from qrexec.backends.socket import (
+from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
     BoundSocket,
     connect_once,

@@ -320,7 +320,7 @@ class VchanBackend:
         from qrexec.backends.vchan_async import AsyncVchanStream, wait_for_server_async
 
         self._check_remote(remote_domain, port)
-        await wait_for_server_async(self, remote_domain, port, timeout)
+        await wait_for_server_async(self.libs, self.own_domain, remote_domain, port, timeout)
         ring = Ring.client(self._libs, self._own_domain, remote_domain, port)
         return AsyncVchanStream(ring)
 

@@ -23,12 +23,9 @@ import logging
 import time
 
 from qrexec.backends.vchan_ring import CONNECTED, DISCONNECTED, Ring, XenstoreLiveness, vchan_path
+from qrexec.backends.xenlibs import XenLibs
 from qrexec.backends.xenstore import XenStore
 from qrexec.errors import TransportBroken, TransportClosed, TransportError
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from qrexec.backends.vchan import VchanBackend
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +243,20 @@ class AsyncVchanListener:
 
 
 async def wait_for_server_async(
-    backend: VchanBackend, remote_domain: int, port: int, timeout: float | None
+    libs: XenLibs, own_domain: int, remote_domain: int, port: int, timeout: float | None
 ) -> None:
-    """Wait for the server's ``event-channel`` node on an xenstore watch fd."""
-    path = vchan_path(remote_domain, backend.own_domain, port)
+    """Wait for the server's ``event-channel`` node on an xenstore watch fd.
+
+    Takes the backend's libraries and domain id rather than the backend, so this face does
+    not import :mod:`qrexec.backends.vchan` (which picks this face on first use).
+    """
+    path = vchan_path(remote_domain, own_domain, port)
     loop = asyncio.get_running_loop()
     fired = asyncio.Event()
     token = f"qrexec-vchan-async-{id(fired)}"
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    with XenStore(backend.libs) as xs:
+    with XenStore(libs) as xs:
         xs.watch(path, token)
         fd = xs.watch_fd()
         loop.add_reader(fd, fired.set)

@@ -20,7 +20,6 @@ the containers run; people do not call it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qrexec.errors import QrexecError
+from qrexec.sim.audit_format import format_audit_line
 from qrexec.sim.rundir import default_run_dir
 from qrexec.sim.topology import Topology, default_topology, load_topology
 
@@ -101,21 +101,6 @@ def cmd_call(args: argparse.Namespace) -> int:
         program = program[1:]
     argv, env, cwd = testbed.call_argv(args.source, args.target, args.service, program)
     return _run_passthrough(argv, env, cwd)
-
-
-def format_audit_line(line: str) -> str:
-    """One audit-log record as a readable sentence (raw text if it is not JSON)."""
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return line.rstrip("\n")
-    target = rec.get("target") or "-"
-    rule = rec.get("rule") or "no matching rule"
-    return (
-        f"{rec.get('result', '?'):11} {rec.get('service', '?')}{rec.get('argument', '')} "
-        f"{rec.get('source', '?')} -> {rec.get('requested_target', '?')} (resolved {target}) "
-        f"user={rec.get('user') or '-'} rule={rule}"
-    )
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

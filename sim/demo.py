@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qrexec.sim.cli import format_audit_line
+from qrexec.sim.audit_format import format_audit_line
 from qrexec.sim.harness import CallResult, RunningTestbed
 from qrexec.sim.topology import default_topology
 

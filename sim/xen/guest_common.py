@@ -36,6 +36,14 @@ BLOCK = 1 << 20
 CHUNK = 65536
 
 
+class CheckFailed(Exception):
+    """A check's expectation did not hold."""
+
+
+class IntegrityFailed(CheckFailed):
+    """Bytes arrived changed (hash mismatch): the host may re-run the boot once."""
+
+
 def marker(kind: str, *fields: object) -> None:
     """Print one marker line (flushed) for the host to parse."""
     text = " ".join(str(f).replace("\n", " ") for f in fields)

@@ -29,15 +29,8 @@ from qrexec.backends.xenstore import XenStore
 from qrexec.errors import TransportBroken, TransportError
 from qrexec.sim.xen import guest_common as gc
 from qrexec.sim.xen import guest_conformance, guest_qrexec
+from qrexec.sim.xen.guest_common import CheckFailed, IntegrityFailed
 from qrexec.sim.xen.guest_domu import PORT_ASYNC, PORT_BLOCKING, PORT_HOLD
-
-
-class CheckFailed(Exception):
-    """A check's expectation did not hold."""
-
-
-class IntegrityFailed(CheckFailed):
-    """Bytes arrived changed (hash mismatch): the host may re-run the boot once."""
 
 
 def xl(*args: str, timeout: float = 120) -> str:

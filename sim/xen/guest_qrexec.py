@@ -19,15 +19,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from qrexec.sim.xen import guest_common as gc
 from qrexec.sim.xen.guest_services import install_dom0_services
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from qrexec.sim.xen.guest_dom0 import Dom0Job
 
 SOCKET_DIR = Path("/var/run/qubes")
 POLICY_SOCKET = Path("/run/qubes/policy.sock")
@@ -56,8 +54,15 @@ def wait_for_path(path: Path, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+class JobState(Protocol):
+    """What the qrexec checks need of dom0's job (:class:`.guest_dom0.Dom0Job`, which owns them)."""
+
+    domids: dict[str, int]
+    total: int
+
+
 class QrexecChecks:
-    def __init__(self, job: Dom0Job) -> None:
+    def __init__(self, job: JobState) -> None:
         self.job = job
         self.procs: list[subprocess.Popen[bytes]] = []
         self.prepared = False
@@ -253,6 +258,4 @@ class QrexecChecks:
 
 
 def _integrity(message: str) -> Exception:
-    from qrexec.sim.xen.guest_dom0 import IntegrityFailed
-
-    return IntegrityFailed(message)
+    return gc.IntegrityFailed(message)
