@@ -5,19 +5,26 @@ given trees and writes them to stdout; the receiver is the service in the target
 unpacks them into ``~/QubesIncoming/<source VM>/``. Names, sizes, permission bits and
 modification times are preserved.
 
-Stream format (little-endian, modelled on Qubes' qfile-agent/qfile-unpacker): one header per
-entry, ``namelen u32, mode u32, atime u32, atime_nsec u32, mtime u32, mtime_nsec u32,
-filelen u64``, then ``namelen`` bytes of NUL-terminated relative name, then ``filelen`` bytes
-of content for a regular file. A directory is sent once before its contents (created
-private) and once after them (final mode and times). A header with ``namelen`` 0 ends the
-stream; the receiver answers ``error_code u32, pad u32, crc32 u64`` (crc32 of every byte it
-read) and the sender checks both.
+The stream is Qubes' own (qfile-agent / qfile-unpacker), so either side can talk to a real
+Qubes peer. All integers little-endian:
 
-The receiver treats the stream as hostile: names must be relative, without ``..`` or empty
-parts, at most 4095 bytes; every parent must be a directory created by this transfer (or
-already a real directory, never a symlink); files are created exclusively; only permission
-bits are applied; content is streamed to disk in chunks, so memory stays bounded. Symlinks
-and special files are not copied (the sender says so and fails).
+* per entry, a 32-byte header ``{u32 namelen, u32 mode, u64 filelen, u32 atime,
+  u32 atime_nsec, u32 mtime, u32 mtime_nsec}``, then ``namelen`` bytes of relative name
+  (NUL included), then ``filelen`` bytes of content for a regular file. A directory is sent
+  once before its contents (created private) and once after them (final mode and times);
+* the end of the stream is a full 32-byte header of zeros (``namelen`` 0);
+* the receiver answers ``{u32 error_code, u32 pad, u64 crc32}`` (16 bytes, packed), then the
+  extension ``{u32 last_namelen, last name bytes}`` (the last entry it handled, for error
+  messages). The sender also accepts the 16 bytes alone, as older receivers send. The CRC is
+  the standard CRC-32 (``zlib.crc32``) of every byte the receiver read, headers and the end
+  marker included; the sender checks it against what it wrote.
+
+The receiver treats the stream as hostile: names must be relative, NUL-terminated, without
+``..`` or empty parts, at most 4095 bytes; every parent must be a directory created by this
+transfer (or already a real directory, never a symlink); files are created exclusively; only
+permission bits are applied; content is streamed to disk in chunks, so memory stays bounded.
+Symlinks and special files are refused on both sides (Qubes copies symlinks; we do not, see
+docs/decisions.md). Does nothing but the copy: no progress reporting, no GUI.
 """
 
 from __future__ import annotations
@@ -34,8 +41,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-HEADER = struct.Struct("<IIIIIIQ")
+#: ``{u32 namelen, u32 mode, u64 filelen, u32 atime, u32 atime_nsec, u32 mtime, u32 mtime_nsec}``
+HEADER = struct.Struct("<IIQIIII")
+#: ``{u32 error_code, u32 pad, u64 crc32}``
 RESULT = struct.Struct("<IIQ")
+#: ``{u32 last_namelen}``, followed by that many bytes of name.
+RESULT_EXT = struct.Struct("<I")
+END_OF_STREAM = HEADER.pack(0, 0, 0, 0, 0, 0, 0)
 MAX_NAME = 4096
 CHUNK = 65536
 _DOMAIN_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,30}$")
@@ -63,11 +75,23 @@ class _CrcReader:
         return data
 
 
+def _read_up_to(stream: BinaryIO, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer only at end of stream."""
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 # ---------------------------------------------------------------------------------------
 # Sender
 
 
-def _header(name: str, st: os.stat_result, length: int) -> bytes:
+def encode_header(name: str, st: os.stat_result, length: int) -> bytes:
+    """One entry's header and NUL-terminated name, as Qubes' qfile-agent writes them."""
     raw = os.fsencode(name) + b"\0"
     if len(raw) > MAX_NAME:
         raise CopyError(f"{name}: name too long")
@@ -75,11 +99,11 @@ def _header(name: str, st: os.stat_result, length: int) -> bytes:
         HEADER.pack(
             len(raw),
             st.st_mode,
-            int(st.st_atime),
-            st.st_atime_ns % 1_000_000_000,
-            int(st.st_mtime),
-            st.st_mtime_ns % 1_000_000_000,
             length,
+            int(st.st_atime_ns // 1_000_000_000) & 0xFFFFFFFF,
+            st.st_atime_ns % 1_000_000_000,
+            int(st.st_mtime_ns // 1_000_000_000) & 0xFFFFFFFF,
+            st.st_mtime_ns % 1_000_000_000,
         )
         + raw
     )
@@ -99,6 +123,35 @@ def _walk(path: Path, name: str) -> Iterator[tuple[Path, str, os.stat_result, bo
         raise CopyError(f"{path}: only regular files and directories can be copied")
 
 
+def read_result(answer: BinaryIO) -> tuple[int, int, str | None]:
+    """(error code, crc32, last name or None) from the receiver's answer.
+
+    The last name is None when the receiver sent no extension (older receivers); a
+    truncated or oversized extension is an error, not an old receiver.
+    """
+    raw = _read_up_to(answer, RESULT.size)
+    if len(raw) != RESULT.size:
+        raise CopyError("the receiver did not confirm the transfer")
+    error, _pad, crc = RESULT.unpack(raw)
+    ext = _read_up_to(answer, RESULT_EXT.size)
+    if not ext:
+        return error, crc, None
+    if len(ext) != RESULT_EXT.size:
+        raise CopyError("the receiver's answer ends inside its extension")
+    (namelen,) = RESULT_EXT.unpack(ext)
+    if namelen > MAX_NAME:
+        raise CopyError(f"the receiver's last name length {namelen} is over {MAX_NAME}")
+    name = _read_up_to(answer, namelen)
+    if len(name) != namelen:
+        raise CopyError("the receiver's answer ends inside the last name")
+    return error, crc, os.fsdecode(name.rstrip(b"\0"))
+
+
+def _receiver_failed(error: int, last: str | None) -> CopyError:
+    where = f" at {last!r}" if last else ""
+    return CopyError(f"the receiver failed{where}: {os.strerror(error)}")
+
+
 def send(paths: list[str], out: BinaryIO, answer: BinaryIO) -> tuple[int, int]:
     """Send the trees; return (files, bytes) after the receiver confirmed them."""
     crc = 0
@@ -109,31 +162,34 @@ def send(paths: list[str], out: BinaryIO, answer: BinaryIO) -> tuple[int, int]:
         crc = zlib.crc32(data, crc)
         out.write(data)
 
-    for top in paths:
-        top_path = Path(top)
-        for path, name, st, _closing in _walk(top_path, top_path.name or top_path.resolve().name):
-            if stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as source:
-                    put(_header(name, st, st.st_size))
-                    remaining = st.st_size
-                    while remaining:
-                        data = source.read(min(CHUNK, remaining))
-                        if not data:
-                            raise CopyError(f"{path}: file shrank while being sent")
-                        put(data)
-                        remaining -= len(data)
-                files += 1
-                total += st.st_size
-            else:
-                put(_header(name, st, 0))
-    put(HEADER.pack(0, 0, 0, 0, 0, 0, 0))
-    out.flush()
-    raw = answer.read(RESULT.size)
-    if len(raw) != RESULT.size:
-        raise CopyError("the receiver did not confirm the transfer")
-    error, _pad, their_crc = RESULT.unpack(raw)
+    try:
+        for top in paths:
+            top_path = Path(top)
+            top_name = top_path.name or top_path.resolve().name
+            for path, name, st, _closing in _walk(top_path, top_name):
+                if stat.S_ISREG(st.st_mode):
+                    with open(path, "rb") as source:
+                        put(encode_header(name, st, st.st_size))
+                        remaining = st.st_size
+                        while remaining:
+                            data = source.read(min(CHUNK, remaining))
+                            if not data:
+                                raise CopyError(f"{path}: file shrank while being sent")
+                            put(data)
+                            remaining -= len(data)
+                    files += 1
+                    total += st.st_size
+                else:
+                    put(encode_header(name, st, 0))
+        put(END_OF_STREAM)
+        out.flush()
+    except BrokenPipeError:
+        # The receiver gave up early; its answer (if any) says why.
+        error, _crc, last = read_result(answer)
+        raise _receiver_failed(error or errno.EPIPE, last) from None
+    error, their_crc, last = read_result(answer)
     if error:
-        raise CopyError(f"the receiver failed: {os.strerror(error)}")
+        raise _receiver_failed(error, last)
     if their_crc != crc:
         raise CopyError("checksum mismatch: the receiver got other bytes than were sent")
     return files, total
@@ -164,6 +220,11 @@ def _check_parent(base: Path, name: str, made: set[str]) -> Path:
     return base / name
 
 
+def encode_result(error: int, crc: int, last_name: bytes) -> bytes:
+    """The receiver's answer: result header plus the last-name extension."""
+    return RESULT.pack(error, 0, crc) + RESULT_EXT.pack(len(last_name)) + last_name
+
+
 def receive(source: str, home: Path, stream: BinaryIO, out: BinaryIO) -> tuple[int, int]:
     """Unpack one transfer into home/QubesIncoming/SOURCE; return (files, bytes)."""
     if not _DOMAIN_RE.match(source):
@@ -174,9 +235,10 @@ def receive(source: str, home: Path, stream: BinaryIO, out: BinaryIO) -> tuple[i
     made: set[str] = set()
     files = total = 0
     error = 0
+    last = b""
     try:
         while True:
-            namelen, mode, atime, atime_ns, mtime, mtime_ns, length = HEADER.unpack(
+            namelen, mode, length, atime, atime_ns, mtime, mtime_ns = HEADER.unpack(
                 reader.read_exact(HEADER.size)
             )
             if namelen == 0:
@@ -184,6 +246,9 @@ def receive(source: str, home: Path, stream: BinaryIO, out: BinaryIO) -> tuple[i
             if namelen > MAX_NAME:
                 raise CopyError(f"name length {namelen} over {MAX_NAME}")
             name = _safe_name(reader.read_exact(namelen))
+            last = os.fsencode(name)
+            if atime_ns >= 1_000_000_000 or mtime_ns >= 1_000_000_000:
+                raise CopyError(f"{name!r}: nanoseconds out of range")
             target = _check_parent(base, name, made)
             times = (atime * 1_000_000_000 + atime_ns, mtime * 1_000_000_000 + mtime_ns)
             if stat.S_ISDIR(mode):
@@ -220,7 +285,7 @@ def receive(source: str, home: Path, stream: BinaryIO, out: BinaryIO) -> tuple[i
         error = errno.EINVAL
         raise
     finally:
-        out.write(RESULT.pack(error or 0, 0, reader.crc if not error else 0))
+        out.write(encode_result(error, reader.crc, last))
         out.flush()
     return files, total
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import struct
 import threading
+import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qrexec.sim import filecopy
-from qrexec.sim.filecopy import HEADER, CopyError, receive, send
+from qrexec.sim.filecopy import END_OF_STREAM, HEADER, RESULT, CopyError, receive, send
 
 
 def _pipe_copy(
@@ -65,8 +69,133 @@ def test_tree_round_trip_preserves_names_sizes_modes_times(tmp_path: Path) -> No
 def _stream(*entries: tuple[bytes, int, bytes]) -> bytes:
     data = b""
     for name, mode, content in entries:
-        data += HEADER.pack(len(name), mode, 0, 0, 0, 0, len(content)) + name + content
-    return data + HEADER.pack(0, 0, 0, 0, 0, 0, 0)
+        data += HEADER.pack(len(name), mode, len(content), 0, 0, 0, 0) + name + content
+    return data + END_OF_STREAM
+
+
+# Hand-written vectors of Qubes' layout: a file "a" (mode 0100644, content "hi", atime 1.2,
+# mtime 3.4), one directory "d" (mode 040755) and the end marker.
+FILE_A = bytes.fromhex(
+    "02000000"  # namelen 2 ("a\0")
+    "a4810000"  # mode 0o100644
+    "0200000000000000"  # filelen 2 (u64)
+    "01000000"  # atime 1
+    "02000000"  # atime_nsec 2
+    "03000000"  # mtime 3
+    "04000000"  # mtime_nsec 4
+    "6100"  # "a\0"
+    "6869"  # "hi"
+)
+DIR_D = bytes.fromhex(
+    "02000000" "ed410000" "0000000000000000" "00000000" "00000000" "00000000" "00000000" "6400"
+)  # fmt: skip
+END = bytes.fromhex("00" * 32)
+
+
+def test_layout_pinned_by_hand_written_hex() -> None:
+    assert HEADER.size == 32 and RESULT.size == 16
+    assert END_OF_STREAM == END
+    assert HEADER.unpack(FILE_A[:32]) == (2, 0o100644, 2, 1, 2, 3, 4)
+    assert filecopy.encode_result(0, 0xC3AF4DFC, b"a") == bytes.fromhex(
+        "00000000" "00000000" "fc4dafc300000000" "01000000" "61"
+    )  # fmt: skip
+
+
+def test_receiver_answers_crc_of_every_byte_read_and_the_last_name(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    assert receive("vm1", tmp_path, io.BytesIO(FILE_A + END), out) == (1, 2)
+    # crc32 over both headers' bytes, the name, the content and the end marker.
+    assert out.getvalue() == bytes.fromhex("00000000 00000000 fc4dafc300000000 01000000 61")
+    copy = tmp_path / "QubesIncoming" / "vm1" / "a"
+    st = copy.stat()  # before reading it, which may move atime
+    assert (st.st_mode, st.st_atime_ns, st.st_mtime_ns) == (0o100644, 1_000_000_002, 3_000_000_004)
+    assert copy.read_bytes() == b"hi"
+    out = io.BytesIO()
+    assert receive("vm1", tmp_path, io.BytesIO(DIR_D + DIR_D + END), out) == (0, 0)
+    assert out.getvalue() == bytes.fromhex("00000000 00000000 8054584e00000000 01000000 64")
+
+
+def test_sender_writes_qubes_layout(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"hi")
+    os.chmod(tmp_path / "a", 0o644)
+    os.utime(tmp_path / "a", ns=(1_000_000_002, 3_000_000_004))
+    out = io.BytesIO()
+    answer = io.BytesIO(bytes.fromhex("00000000 00000000 fc4dafc300000000 01000000 61"))
+    assert send([str(tmp_path / "a")], out, answer) == (1, 2)
+    assert out.getvalue() == FILE_A + END
+
+
+class _AnswerWithCrcOf:
+    """An old receiver's answer (no extension) carrying the crc of what was written to ``out``,
+    computed when the sender reads it."""
+
+    def __init__(self, out: io.BytesIO) -> None:
+        self.out = out
+        self.answer: io.BytesIO | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self.answer is None:
+            self.answer = io.BytesIO(RESULT.pack(0, 0, zlib.crc32(self.out.getvalue())))
+        return self.answer.read(size)
+
+
+def test_sender_sends_a_directory_before_and_after_its_contents(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"")
+    out = io.BytesIO()
+    assert send([str(tmp_path / "d")], out, _AnswerWithCrcOf(out)) == (1, 0)  # type: ignore[arg-type]
+    names = []
+    data = out.getvalue()
+    while True:
+        namelen, mode, length = HEADER.unpack(data[:32])[:3]
+        if namelen == 0:
+            assert data == END
+            break
+        names.append((data[32 : 32 + namelen], stat.S_IFMT(mode)))
+        data = data[32 + namelen + length :]
+    assert names == [(b"d\0", stat.S_IFDIR), (b"d/f\0", stat.S_IFREG), (b"d\0", stat.S_IFDIR)]
+
+
+def test_sender_accepts_old_receivers_without_the_extension(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"hi")
+    os.utime(tmp_path / "a", ns=(1_000_000_002, 3_000_000_004))
+    os.chmod(tmp_path / "a", 0o644)
+    old_answer = io.BytesIO(bytes.fromhex("00000000 00000000 fc4dafc300000000"))
+    assert send([str(tmp_path / "a")], io.BytesIO(), old_answer) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ("02000000 00000000 0000000000000000 03000000 612f62", "failed at 'a/b': No such file"),
+        ("16000000 00000000 0000000000000000", "receiver failed: Invalid argument"),
+        ("00000000 00000000 fc4dafc300000000 0100", "ends inside its extension"),
+        ("00000000 00000000 fc4dafc300000000 05000000 61", "ends inside the last name"),
+        ("00000000 00000000 fc4dafc300000000 00100100", "last name length"),
+        ("00000000 00000000 fc4d", "did not confirm"),
+    ],
+)
+def test_sender_checks_the_answer(tmp_path: Path, answer: str, message: str) -> None:
+    (tmp_path / "a").write_bytes(b"hi")
+    os.utime(tmp_path / "a", ns=(1_000_000_002, 3_000_000_004))
+    os.chmod(tmp_path / "a", 0o644)
+    with pytest.raises(CopyError, match=message):
+        send([str(tmp_path / "a")], io.BytesIO(), io.BytesIO(bytes.fromhex(answer)))
+
+
+def test_sender_reports_the_receivers_error_when_it_stops_reading(tmp_path: Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * 1_000_000)
+
+    class Closed(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    answer = io.BytesIO(bytes.fromhex("1c000000 00000000 0000000000000000 03000000 626967"))
+    with pytest.raises(CopyError, match="failed at 'big': No space left"):
+        send([str(tmp_path / "big")], Closed(), answer)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -80,16 +209,20 @@ def _stream(*entries: tuple[bytes, int, bytes]) -> bytes:
         (_stream((b"missing/f\0", 0o100644, b"x")), "cannot write"),
         (_stream((b"dev\0", 0o020644, b"")), "unsupported file type"),
         (_stream((b"d\0", 0o040755, b"content")), "directory 'd' with content"),
+        (_stream((b"link\0", 0o120777, b"/etc")), "unsupported file type 120000"),
+        (HEADER.pack(2, 0o100644, 0, 0, 1_000_000_000, 0, 0) + b"a\0" + END, "nanoseconds"),
         (HEADER.pack(100_000, 0o100644, 0, 0, 0, 0, 0), "name length"),
-        (HEADER.pack(4, 0o100644, 0, 0, 0, 0, 10) + b"abc\0" + b"short", "stream ended early"),
+        (HEADER.pack(4, 0o100644, 10, 0, 0, 0, 0) + b"abc\0" + b"short", "stream ended early"),
     ],
 )
 def test_hostile_streams_are_refused(tmp_path: Path, stream: bytes, message: str) -> None:
     out = io.BytesIO()
     with pytest.raises(CopyError, match=message):
         receive("vm1", tmp_path, io.BytesIO(stream), out)
-    error, _pad, _crc = struct.unpack("<IIQ", out.getvalue())
+    error, _pad, _crc = struct.unpack("<IIQ", out.getvalue()[:16])
     assert error != 0
+    (namelen,) = struct.unpack("<I", out.getvalue()[16:20])
+    assert len(out.getvalue()) == 20 + namelen  # the extension names the last entry read
     assert not (tmp_path.parent / "evil").exists()
 
 
