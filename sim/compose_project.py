@@ -36,6 +36,7 @@ SERVICE_LABEL = "com.docker.compose.service"
 #: The engine's multiplexed attach stream: {u8 stream, 3 pad, u32 big-endian length}.
 _FRAME = struct.Struct(">BxxxI")
 _STDOUT, _STDERR = 1, 2
+Filters = dict[str, str | list[str] | bool]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +92,7 @@ class ComposeProject:
         try:
             self._compose("up", "-d", "--no-build", "--wait", "--wait-timeout", str(int(timeout)))
         except EngineError as exc:
-            states = ", ".join(
-                f"{s.service}={s.status}/{s.health}" for s in self.states().values()
-            )
+            states = ", ".join(f"{s.service}={s.status}/{s.health}" for s in self.states().values())
             raise EngineError(f"{exc}\ncontainers: {states}") from exc
 
     def down(self) -> None:
@@ -107,7 +106,7 @@ class ComposeProject:
         """Remove this project's containers, volumes and networks (only those); return what
         was removed."""
         removed = []
-        label = {"label": f"{PROJECT_LABEL}={self.name}"}
+        label: Filters = {"label": f"{PROJECT_LABEL}={self.name}"}
         for container in self.client.containers.list(all=True, filters=label):
             container.remove(force=True, v=True)
             removed.append(f"container {container.name}")
@@ -123,7 +122,7 @@ class ComposeProject:
 
     def leftovers(self) -> list[str]:
         """Containers, volumes and networks of this project that still exist."""
-        label = {"label": f"{PROJECT_LABEL}={self.name}"}
+        label: Filters = {"label": f"{PROJECT_LABEL}={self.name}"}
         return (
             [f"container {c.name}" for c in self.client.containers.list(all=True, filters=label)]
             + [f"volume {v.name}" for v in self.client.volumes.list(filters=label)]
@@ -133,9 +132,9 @@ class ComposeProject:
     # Looking ------------------------------------------------------------------------------
     def containers(self) -> dict[str, Container]:
         """The project's containers by compose service name."""
-        label = {"label": f"{PROJECT_LABEL}={self.name}"}
+        label: Filters = {"label": f"{PROJECT_LABEL}={self.name}"}
         found = self.client.containers.list(all=True, filters=label)
-        return {c.labels.get(SERVICE_LABEL, c.name): c for c in found}
+        return {c.labels.get(SERVICE_LABEL) or str(c.name): c for c in found}
 
     def container(self, service: str) -> Container:
         try:
@@ -233,7 +232,10 @@ class ComposeProject:
         )  # fmt: skip
         exec_id = created["Id"]
         attached = api.exec_start(exec_id, socket=True)
-        sock: socket.socket = getattr(attached, "_sock", attached)
+        # On a unix or TCP engine socket the SDK hands out a SocketIO around the socket.
+        sock = getattr(attached, "_sock", None)
+        if not isinstance(sock, socket.socket):
+            raise EngineError(f"unsupported engine connection {type(attached).__name__}")
         sock.settimeout(timeout)
         writer = None
         if input is not None:

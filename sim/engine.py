@@ -157,7 +157,8 @@ class Engine:
                 log.info("dockerd started (pid %d)", self.dockerd.pid)
                 return client
             if self.dockerd.poll() is not None:
-                raise EngineError(f"dockerd exited with {self.dockerd.returncode}: see {log_file.name}")
+                code = self.dockerd.returncode
+                raise EngineError(f"dockerd exited with {code}: see {log_file.name}")
             time.sleep(0.2)
         raise EngineError(f"dockerd did not answer within {ENGINE_TIMEOUT:.0f} s")
 
@@ -221,7 +222,7 @@ class Engine:
                     pull=False,
                 )
             except docker.errors.BuildError as exc:
-                lines = [str(entry.get("stream", entry.get("error", ""))) for entry in exc.build_log]
+                lines = [str(e.get("stream", e.get("error", ""))) for e in exc.build_log]
                 raise EngineError(f"building {tag} failed: {''.join(lines)[-3000:]}") from exc
         log.info("built %s (%s)", tag, image.short_id)
         return tag

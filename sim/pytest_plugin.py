@@ -11,6 +11,13 @@ Fixtures:
 * ``qrexec_testbed_factory`` - ``factory(topology=None)`` starts more testbeds in one test
   (all torn down after it).
 
+Container mode: mark a test ``@pytest.mark.qrexec_mode("containers")`` (or parametrize
+``qrexec_testbed`` indirectly with ``"processes"``/``"containers"``) and ``qrexec_testbed`` is a
+:class:`~qrexec.sim.container_harness.ContainerTestbed`: the same helpers, with the topology
+running as containers on a Docker engine (needs the ``containers`` extra, root or a running
+engine; the session builds the image once, see sim/TESTING.md). Such tests should also carry
+the ``compose`` marker, which the default test run deselects.
+
 Safe under ``pytest -n auto``: each testbed has its own run directory (short, in /tmp, for
 unix socket path limits) and its VMs get ids from a block no other testbed of the session
 uses (allocated under a lock in the session's shared temporary folder). When a test fails,
@@ -29,18 +36,25 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from qrexec.sim.container_harness import ContainerTestbed
+    from qrexec.sim.engine import Engine
     from qrexec.sim.harness import RunningTestbed
     from qrexec.sim.topology import Topology
 
 #: VM ids per testbed block (a topology with more VMs keeps its own ids).
 ID_BLOCK = 100
 ID_BLOCKS = 300
+MODES = ("processes", "containers")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "qrexec_topology(topology): the Topology or topology file qrexec_testbed starts",
+    )
+    config.addinivalue_line(
+        "markers",
+        "qrexec_mode(mode): 'processes' (default) or 'containers': how qrexec_testbed runs",
     )
 
 
@@ -115,9 +129,76 @@ def qrexec_testbed_factory(
         pytest.fail("a qrexec testbed could not be stopped cleanly")
 
 
+def _mode(request: pytest.FixtureRequest) -> str:
+    mode = getattr(request, "param", None)
+    if mode is None:
+        marker = request.node.get_closest_marker("qrexec_mode")
+        mode = marker.args[0] if marker is not None else "processes"
+    if mode not in MODES:
+        raise ValueError(f"qrexec_testbed mode must be one of {MODES}, not {mode!r}")
+    return str(mode)
+
+
+@pytest.fixture(scope="session")
+def qrexec_container_engine() -> Iterator[tuple[Engine, str, str]]:
+    """(engine, image, base image) for container-mode testbeds, set up once per session:
+    a Docker engine (a hardened dockerd is started, and stopped at the end, when none
+    answers), the base image (built from the Debian mirror when missing) and this source
+    tree's qrexec-sim image."""
+    from qrexec.sim.container_harness import image_tag
+    from qrexec.sim.engine import Engine
+
+    engine = Engine()
+    try:
+        base = engine.ensure_base_image()
+        image = engine.build_image(image_tag(), base)
+        yield engine, image, base
+    finally:
+        engine.close()
+
+
+def _topology_file(request: pytest.FixtureRequest, topology: Any) -> Path | None:
+    """The topology file a container testbed mounts (None: the packaged default)."""
+    from qrexec.sim.topology import Topology, default_topology
+
+    marker = request.node.get_closest_marker("qrexec_topology")
+    if marker is not None and isinstance(marker.args[0], str | Path):
+        return Path(marker.args[0])
+    if isinstance(topology, str | Path):
+        return Path(topology)
+    if isinstance(topology, Topology) and topology == default_topology():
+        return None
+    raise TypeError(
+        "container mode needs its topology as a file: mark the test "
+        "@pytest.mark.qrexec_topology(PATH) or return a path from qrexec_topology"
+    )
+
+
 @pytest.fixture
 def qrexec_testbed(
-    qrexec_testbed_factory: Callable[..., RunningTestbed], qrexec_topology: Any
-) -> RunningTestbed:
-    """A testbed of ``qrexec_topology``, running for this test."""
-    return qrexec_testbed_factory(qrexec_topology)
+    request: pytest.FixtureRequest, qrexec_topology: Any
+) -> Iterator[RunningTestbed | ContainerTestbed]:
+    """A testbed of ``qrexec_topology``, running for this test (processes or containers)."""
+    if _mode(request) == "processes":
+        factory = request.getfixturevalue("qrexec_testbed_factory")
+        yield factory(qrexec_topology)
+        return
+    from qrexec.sim.container_harness import ContainerTestbed
+
+    engine, image, base = request.getfixturevalue("qrexec_container_engine")
+    testbed = ContainerTestbed(
+        engine, topology_file=_topology_file(request, qrexec_topology), image=image, base=base
+    )
+    try:
+        testbed.start()
+        yield testbed
+        died = testbed.project.unexpected_exits()
+        if died:
+            pytest.fail(f"containers died during the test: {', '.join(died)}")
+    finally:
+        try:
+            logs = testbed.logs()
+            request.node.add_report_section("teardown", f"qrexec-sim {testbed.project.name}", logs)
+        except Exception as exc:  # a broken project must still be taken down
+            request.node.add_report_section("teardown", "qrexec-sim", f"no logs: {exc}")
+        testbed.close()
