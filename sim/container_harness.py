@@ -139,13 +139,16 @@ class ContainerTestbed:
     def install_file(
         self, domain: str, path: str, text: str, mode: int = 0o644, *, owner: str | None = None
     ) -> str:
-        """Put a file at an absolute path of the container; ``owner`` "user" gives it to the
-        default account (files under /home are the account's by default)."""
+        """Put a file at an absolute path of the container, owned by ``owner``: root or the
+        domain's default account (the default for files under /home)."""
         if not path.startswith("/") or ".." in path.split("/"):
             raise TopologyError(f"install_file: {path!r} must be absolute, without '..'")
+        user = self.topology.domain(domain).default_user
         if owner is None:
-            owner = "user" if path.startswith("/home/") else "root"
-        uid = USER_UID if owner != "root" else 0
+            owner = user if path.startswith("/home/") else "root"
+        if owner not in ("root", user):
+            raise TopologyError(f"install_file: owner must be root or {user}, not {owner!r}")
+        uid = 0 if owner == "root" else USER_UID
         self.project.write_files(domain, {path: (text.encode(), mode, uid)})
         return path
 
