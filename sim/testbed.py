@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import json
 import logging
 import os
 import shlex
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0
 #: The vchan layout: a folder per domain pair, as the containers need (see backends).
 VCHAN_LAYOUT = "isolated"
+#: A multi-host testbed's additions to one host (see :meth:`Testbed.air_settings`).
+AIR_FILE = "air.json"
 
 Progress = Callable[[str], None]
 
@@ -87,10 +90,27 @@ class Testbed:
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, run_dir: str | Path, topology: Topology | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        topology: Topology | None = None,
+        *,
+        air: Mapping[str, object] | None = None,
+    ) -> None:
         self.run = RunDir(run_dir)
         self._topology = topology
         self._children: list[subprocess.Popen[bytes]] = []
+        self._air = dict(air) if air is not None else None
+
+    def air_settings(self) -> dict[str, object]:
+        """What a multi-host testbed (:mod:`qrexec.sim.air`) adds to this host: RemoteVM
+        records for the system info (``remote_vms``) and a command prefix that puts the
+        agents into the host's network namespace (``wrap``). Kept in the run directory, so
+        every process that opens this testbed later (the qubesd stand-in) sees the same."""
+        if self._air is None:
+            path = self.run.path / AIR_FILE
+            self._air = json.loads(path.read_text()) if path.exists() else {}
+        return self._air
 
     @property
     def topology(self) -> Topology:
@@ -156,6 +176,8 @@ class Testbed:
         if any(processes.is_alive(p) for p in self.run.read_state().processes):
             raise TestbedError(f"a testbed is already running in {self.run.path}; down it first")
         self._reset_dir()
+        if self._air:
+            (self.run.path / AIR_FILE).write_text(json.dumps(self._air, indent=1))
         user = getpass.getuser()
         self.run.save_topology(topology)
         progress(f"writing domain roots under {self.run.path / 'd'}")
@@ -252,7 +274,9 @@ class Testbed:
 
     def _spawn_domain(self, dom: DomainState, agent_user: str) -> list[ProcessRecord]:
         root = self.run.root(dom.name)
+        wrap = self.air_settings().get("wrap")
         agent_argv = [
+            *([str(word) for word in wrap] if isinstance(wrap, list) else []),
             find_program("qrexec-agent"),
             "--transport",
             "socket",
@@ -409,9 +433,13 @@ class Testbed:
             if d.disposable
         ]
         running = [d.name for d in state.domains.values() if d.running]
-        roots.write_system_info(
-            self.run.system_info_file, roots.system_info(self.topology, running, extra)
-        )
+        info = roots.system_info(self.topology, running, extra)
+        remote_vms = self.air_settings().get("remote_vms")
+        if isinstance(remote_vms, dict):
+            domains = info["domains"]
+            assert isinstance(domains, dict)
+            domains.update(remote_vms)
+        roots.write_system_info(self.run.system_info_file, info)
 
     # Looking ----------------------------------------------------------------------------
     def status(self) -> list[ProcessStatus]:
