@@ -5,9 +5,12 @@ original caller in ``QREXEC_REMOTE_DOMAIN``. It looks REMOTE_TARGET up in its co
 (peer relay address, port, account, client key, pinned host key, and the qube's name over
 there), runs ``ssh`` with an argument list and every host-key check on, sends the request line
 ``SOURCE TARGET SERVICE+ARG`` as the remote command, and lets stdin and stdout flow through
-untouched. The peer's exit code comes back as ssh's. A transport failure (ssh's own 255 with
-an error in its log) becomes 125 with one stderr line naming the cause; a refusal on the far
-side is the far side's 126. It never runs a shell and never asks anything on a terminal.
+untouched. The peer's exit code comes back as ssh's; the far side's stderr comes back as it
+is written. A transport failure — ssh's own status 255 — becomes 125 with one stderr line
+naming the cause (taken from ssh's log, which is kept apart from the far side's stderr); a
+refusal on the far side is the far side's 126. A remote service that itself exits 255 is
+therefore seen as a transport failure too (ssh gives no way to tell them apart). It never
+runs a shell and never asks anything on a terminal.
 
 Configuration: ``--config FILE`` (JSON, written by the testbed or by hand, see
 ``deploy/README.md``), by default ``/etc/qubes/air/sshproxy.json``.
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 from qrexec.sim.air.request import (
     AirRequestError,
@@ -113,7 +118,7 @@ def relay(config: Mapping[str, Any], argument: str, source: str) -> int:
     with tempfile.NamedTemporaryFile(prefix="sshproxy-", suffix=".log") as log:
         argv = ssh_argv(str(config.get("ssh", "ssh")), remote, request, log.name)
         try:
-            proc = subprocess.Popen(argv, close_fds=True)
+            proc = subprocess.Popen(argv, close_fds=True, stderr=subprocess.PIPE)
         except OSError as exc:
             return _fail(f"cannot run ssh: {exc}")
 
@@ -122,14 +127,34 @@ def relay(config: Mapping[str, Any], argument: str, source: str) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, forward)
+        assert proc.stderr is not None
+        copier = threading.Thread(target=copy_stderr, args=(proc.stderr,), daemon=True)
+        copier.start()
         code = proc.wait()
+        copier.join(timeout=5)
         if code == SSH_FAILED:
-            cause = _last_error(log.name)
-            if cause:
-                return _fail(f"{parsed.remote_target} ({remote['remote_host']}): {cause}")
+            cause = _last_error(log.name) or "the connection to the peer relay closed"
+            return _fail(f"{parsed.remote_target} ({remote['remote_host']}): {cause}")
         if code < 0:
             return 128 - code
         return code
+
+
+#: ssh's own notice when a connection ends, printed to stderr whatever its log settings.
+_SSH_NOTICE = re.compile(rb"^Connection to \S+ closed( by remote host)?\.\r?\n?$")
+
+
+def copy_stderr(source: IO[bytes]) -> None:
+    """Copy the far side's stderr to ours as it comes, without ssh's own closing notice
+    (a transport failure is reported once, by :func:`relay`)."""
+    out = sys.stderr.buffer
+    while True:
+        line = source.readline(65536)
+        if not line:
+            return
+        if not _SSH_NOTICE.match(line):
+            out.write(line)
+            out.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
