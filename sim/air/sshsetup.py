@@ -42,8 +42,11 @@ def find_openssh(program: str) -> str:
     """Absolute path of ``ssh``, ``sshd`` or ``ssh-keygen`` (sshd refuses a relative argv[0])."""
     for folder in (*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/usr/bin"):
         candidate = Path(folder or ".") / program
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate.resolve())
+        try:
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate.resolve())
+        except OSError:
+            continue  # a PATH entry we may not look into
     raise SshSetupError(
         f"{program} is not installed (Debian: apt-get install openssh-client openssh-server)"
     )
