@@ -4,6 +4,7 @@ bulk data, concurrency, and what the caller sees when the transport fails."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -214,6 +215,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for child in _children(pid):
+        found += [*_descendants(child), child]
+    return found
+
+
 def test_remote_call_killed_mid_stream_gives_125(air: AirTestbed) -> None:
     sshd = next(r for r in air.sshd if r.domain == "hostB")
     before = set(_children(sshd.pid))
@@ -230,8 +238,12 @@ def test_remote_call_killed_mid_stream_gives_125(air: AirTestbed) -> None:
         assert proc.stdout.readline() == b"first\n"
         sessions = [pid for pid in _children(sshd.pid) if pid not in before]
         assert sessions, "no sshd session for the running call"
-        for pid in sessions:
-            os.kill(pid, 9)
+        # The whole session: without root, sshd's per-connection child forks the process
+        # that holds the connection, so killing the child alone would not cut it.
+        doomed = [d for pid in sessions for d in _descendants(pid)] + sessions
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
