@@ -42,9 +42,22 @@ def _progress(message: str) -> None:
     print(f"qrexec-sim: {message}", file=sys.stderr, flush=True)
 
 
+def _is_air(run_dir: str) -> bool:
+    """A multi-host testbed runs (or ran) in ``run_dir``."""
+    return (Path(run_dir) / "air-state.json").exists()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from qrexec.sim.testbed import Testbed
 
+    if args.topology and _multi_host_file(args.topology):
+        from qrexec.sim.air.air_topology import load_air_topology
+        from qrexec.sim.air.testbed import AirTestbed
+
+        air = AirTestbed(load_air_topology(args.topology), Path(args.run_dir), mode=args.network)
+        air.up(progress=_quiet if args.quiet else _progress)
+        print(air.path)
+        return 0
     testbed = Testbed(args.run_dir, _topology(args.topology))
     testbed.up(progress=_quiet if args.quiet else _progress)
     print(testbed.run.path)
@@ -55,8 +68,25 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _multi_host_file(path: str) -> bool:
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            return "host" in tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # load_topology reports it
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from qrexec.sim.testbed import Testbed
+
+    if _is_air(args.run_dir):
+        from qrexec.sim.air.testbed import AirTestbed
+
+        lines = AirTestbed.open(Path(args.run_dir)).status()
+        print("\n".join(lines))
+        return 1 if any(line.endswith("DEAD") for line in lines) or not lines else 0
 
     testbed = Testbed(args.run_dir)
     statuses = testbed.status()
@@ -95,10 +125,16 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_call(args: argparse.Namespace) -> int:
     from qrexec.sim.testbed import Testbed
 
-    testbed = Testbed(args.run_dir)
     program = list(args.program)
     if program[:1] == ["--"]:
         program = program[1:]
+    if _is_air(args.run_dir):
+        from qrexec.sim.air.testbed import AirTestbed
+
+        air = AirTestbed.open(Path(args.run_dir))
+        argv, env, cwd = air.call_argv(args.source, args.target, args.service, program)
+        return _run_passthrough(argv, env, cwd)
+    testbed = Testbed(args.run_dir)
     argv, env, cwd = testbed.call_argv(args.source, args.target, args.service, program)
     return _run_passthrough(argv, env, cwd)
 
@@ -128,6 +164,15 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     from qrexec.sim.testbed import Testbed
 
+    if _is_air(args.run_dir):
+        from qrexec.sim.air.testbed import AirTestbed
+
+        air = AirTestbed.open(Path(args.run_dir))
+        air.down()
+        (Path(args.run_dir) / "air-state.json").unlink(missing_ok=True)
+        if not args.quiet:
+            _progress(f"stopped every host of the multi-host testbed in {args.run_dir}")
+        return 0
     testbed = Testbed(args.run_dir)
     stopped = testbed.down()
     if not args.quiet:
@@ -189,7 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="start the testbed")
-    p.add_argument("--topology", help="topology file (default: the packaged default)")
+    p.add_argument(
+        "--topology", help="topology file, single- or multi-host (default: the packaged default)"
+    )
+    p.add_argument(
+        "--network",
+        choices=("netns", "loopback"),
+        help="multi-host only: namespaces (root; the default as root) or loopback ports",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_up)
 
@@ -201,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cmdline", metavar="USER:cmd")
     p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("call", help="call a service from a domain")
+    p = sub.add_parser("call", help="call a service from a domain (HOST:VM across hosts)")
     p.add_argument("source")
     p.add_argument("target")
     p.add_argument("service", metavar="SERVICE[+ARG]")

@@ -7,7 +7,9 @@ Fixtures:
   to a topology file), or the test is marked ``@pytest.mark.qrexec_topology(TOPOLOGY_OR_PATH)``.
 * ``qrexec_testbed`` - a :class:`~qrexec.sim.harness.RunningTestbed` started for one test and
   torn down after it, with ``install_service``, ``set_policy``, ``set_ask_answers``, ``call``,
-  ``exec``, ``audit``...
+  ``exec``, ``audit``... A multi-host topology gives a
+  :class:`~qrexec.sim.air.testbed.AirTestbed` instead: ``call("hostA:vm1", "hostB:vm2", …)``
+  and ``hosts[NAME]``, each host a ``RunningTestbed``.
 * ``qrexec_testbed_factory`` - ``factory(topology=None)`` starts more testbeds in one test
   (all torn down after it).
 
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from qrexec.sim.air.air_topology import AirTopology
     from qrexec.sim.container_harness import ContainerTestbed
     from qrexec.sim.engine import Engine
     from qrexec.sim.harness import RunningTestbed
@@ -72,18 +75,19 @@ def _allocate_id_base(factory: pytest.TempPathFactory) -> int:
     return ID_BLOCK * (used % ID_BLOCKS + 1)
 
 
-def _as_topology(value: Any) -> Topology:
-    from qrexec.sim.topology import Topology, load_topology
+def _as_topology(value: Any) -> Topology | AirTopology:
+    from qrexec.sim.air.air_topology import AirTopology, load_any_topology
+    from qrexec.sim.topology import Topology
 
-    if isinstance(value, Topology):
+    if isinstance(value, Topology | AirTopology):
         return value
     if isinstance(value, str | Path):
-        return load_topology(value)
+        return load_any_topology(value)
     raise TypeError(f"qrexec_topology: expected a Topology or a path, not {type(value).__name__}")
 
 
 @pytest.fixture
-def qrexec_topology(request: pytest.FixtureRequest) -> Topology:
+def qrexec_topology(request: pytest.FixtureRequest) -> Topology | AirTopology:
     """The topology ``qrexec_testbed`` runs (override this fixture, or use the marker)."""
     marker = request.node.get_closest_marker("qrexec_topology")
     if marker is not None:
@@ -103,9 +107,18 @@ def qrexec_testbed_factory(
     started: list[RunningTestbed] = []
 
     def factory(topology: Topology | str | Path | None = None) -> RunningTestbed:
+        from qrexec.sim.air.air_topology import AirTopology
         from qrexec.sim.topology import default_topology
 
         topo = default_topology() if topology is None else _as_topology(topology)
+        if isinstance(topo, AirTopology):
+            # Several hosts: each has its own vchan folder, so ids need no block.
+            from qrexec.sim.air.testbed import AirTestbed
+
+            air = AirTestbed(topo)
+            started.append(air)  # type: ignore[arg-type]  # same close/logs/run_dir API
+            air.up()
+            return air  # type: ignore[return-value]
         if len(topo.vms) < ID_BLOCK:
             topo = topo.renumbered(_allocate_id_base(tmp_path_factory))
         testbed = RunningTestbed(topo)

@@ -208,6 +208,21 @@ def load_air_topology(path: str | Path) -> AirTopology:
     return parse_air_topology(data, base=path.parent)
 
 
+def load_any_topology(path: str | Path) -> Topology | AirTopology:
+    """A single-host or a multi-host topology file, whichever it is."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise TopologyError(f"{path}: {exc}") from exc
+    if is_multi_host(data):
+        return parse_air_topology(data, base=path.parent)
+    return parse_topology(data, base=path.parent)
+
+
 def is_multi_host(data: Mapping[str, Any]) -> bool:
     """True for a multi-host file (it has ``[[host]]`` tables), False for a single host."""
     return "host" in data

@@ -27,10 +27,11 @@ from qrexec.errors import QrexecError
 from qrexec.sim import processes
 from qrexec.sim.air import network as net
 from qrexec.sim.air import sshsetup
-from qrexec.sim.air.air_topology import AirTopology, Host, system_info_entries
+from qrexec.sim.air.air_topology import AirTopology, Host, RemoteVM, system_info_entries
 from qrexec.sim.harness import CallResult, RunningTestbed
 from qrexec.sim.processes import ProcessRecord
-from qrexec.sim.testbed import START_TIMEOUT, find_program
+from qrexec.sim.rundir import RunDir
+from qrexec.sim.testbed import START_TIMEOUT, Testbed, find_program
 from qrexec.sim.topology import ServiceSpec, Topology
 
 Progress = Callable[[str], None]
@@ -171,8 +172,6 @@ class AirTestbed:
     def _start_host(self, host: Host) -> None:
         assert self.network is not None
         running = RunningTestbed(self._host_topology(host), self.host_dir(host.name))
-        from qrexec.sim.testbed import Testbed
-
         running.testbed = Testbed(
             self.host_dir(host.name),
             running.topology,
@@ -228,6 +227,8 @@ class AirTestbed:
         try:
             processes.stop(self.sshd)
             self.sshd = []
+            if (self.path / STATE_FILE).exists():
+                self._save_state()
             for running in self.hosts.values():
                 running.testbed.down()
         finally:
@@ -235,6 +236,32 @@ class AirTestbed:
                 net.remove_network(self.network)
             if self._own_dir:
                 shutil.rmtree(self.path, ignore_errors=True)
+
+    # The RunningTestbed face the pytest plugin uses.
+    @property
+    def run_dir(self) -> Path:
+        return self.path
+
+    def close(self) -> None:
+        """Stop everything (as :meth:`down`)."""
+        self.down()
+
+    def logs(self) -> str:
+        """Every host's logs and every sshd's log, for a failed test's report."""
+        parts = []
+        for name, running in self.hosts.items():
+            text = running.logs()
+            if text:
+                parts.append(f"==== host {name} ====\n{text}")
+        for host in self.air.hosts:
+            log = self.ssh_dir(host.name) / "sshd.log"
+            if log.exists():
+                parts.append(f"==== sshd of {host.name} ====\n{log.read_text(errors='replace')}")
+        return "\n".join(parts)
+
+    def audit(self, host: str) -> list[dict[str, object]]:
+        """``host``'s dom0 audit log records."""
+        return self.hosts[host].audit()
 
     def __enter__(self) -> AirTestbed:
         return self.up()
@@ -245,11 +272,61 @@ class AirTestbed:
     def _save_state(self) -> None:
         state: dict[str, Any] = {
             "mode": self.mode,
-            "namespaces": self.network.namespaces() if self.network else [],
+            "network": dataclasses.asdict(self.network) if self.network else None,
             "sshd": [dataclasses.asdict(r) for r in self.sshd],
-            "hosts": [h.name for h in self.air.hosts],
+            "hosts": [
+                {
+                    "name": h.name,
+                    "relay": h.relay,
+                    "remotes": [dataclasses.asdict(r) for r in h.remotes],
+                }
+                for h in self.air.hosts
+            ],
         }
         (self.path / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def open(cls, run_dir: Path) -> AirTestbed:
+        """The multi-host testbed running in ``run_dir`` (for ``qrexec-sim call``/``down``)."""
+        try:
+            state = json.loads((run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise AirTestbedError(f"no multi-host testbed in {run_dir}: {exc}") from exc
+        hosts = []
+        for raw in state["hosts"]:
+            host_dir = run_dir / "h" / raw["name"]
+            topology = RunDir(host_dir).load_topology()
+            remotes = [RemoteVM(**r) for r in raw["remotes"]]
+            hosts.append(Host(raw["name"], raw["relay"], topology, remotes))
+        testbed = cls(AirTopology(hosts), run_dir, mode=state["mode"])
+        if state.get("network"):
+            raw_net = state["network"]
+            testbed.network = net.AirNetwork(
+                raw_net["mode"],
+                {k: net.HostNetwork(**v) for k, v in raw_net["hosts"].items()},
+                raw_net.get("switch"),
+            )
+        testbed.sshd = [ProcessRecord(**r) for r in state["sshd"]]
+        for host in hosts:
+            running = RunningTestbed(host.topology, testbed.host_dir(host.name))
+            running.testbed = Testbed(testbed.host_dir(host.name))
+            testbed.hosts[host.name] = running
+        return testbed
+
+    def status(self) -> list[str]:
+        """One line per process of every host, and each sshd."""
+        lines = []
+        for record in self.sshd:
+            word = "running" if processes.is_alive(record) else "DEAD"
+            lines.append(f"{record.domain:8} sshd           pid {record.pid:<8} {word}")
+        for name, running in self.hosts.items():
+            for entry in running.testbed.status():
+                word = "running" if entry.alive else "DEAD"
+                record = entry.record
+                lines.append(
+                    f"{name:8} {record.role:14} {record.domain:10} pid {record.pid:<8} {word}"
+                )
+        return lines
 
     # Calls ------------------------------------------------------------------------------
     def local_name(self, source_host: str, target: str) -> str:
@@ -264,6 +341,16 @@ class AirTestbed:
             raise AirTestbedError(f"{source_host} knows no RemoteVM for {target}")
         return name
 
+    def call_argv(
+        self, source: str, target: str, service: str, local_program: Sequence[str] = ()
+    ) -> tuple[list[str], dict[str, str], str | None]:
+        """The client invocation for a call from ``HOST:VM`` (see :meth:`local_name`)."""
+        source_host, colon, source_vm = source.partition(":")
+        if not colon or source_host not in self.hosts:
+            raise AirTestbedError(f"source {source!r} is not HOST:VM of this testbed")
+        local = self.local_name(source_host, target)
+        return self.hosts[source_host].testbed.call_argv(source_vm, local, service, local_program)
+
     def call(
         self,
         source: str,
@@ -275,12 +362,8 @@ class AirTestbed:
         local_program: Sequence[str] = (),
     ) -> CallResult:
         """Call ``service`` from ``HOST:VM`` to ``HOST:VM`` through both hosts' policies."""
-        source_host, colon, source_vm = source.partition(":")
-        if not colon:
-            raise AirTestbedError(f"source {source!r} is not HOST:VM")
-        running = self.hosts[source_host]
-        local = self.local_name(source_host, target)
-        argv, env, cwd = running.testbed.call_argv(source_vm, local, service, local_program)
+        argv, env, cwd = self.call_argv(source, target, service, local_program)
+        running = self.hosts[source.partition(":")[0]]
         done = running.testbed.run_client(argv, env, cwd=cwd, input=input, timeout=timeout)
         return CallResult(done.returncode, done.stdout, done.stderr)
 
