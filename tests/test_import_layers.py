@@ -48,6 +48,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         {"shared", "protocol", "backends", "services", "policy.engine", "policy.decision"}
     ),
     "client": frozenset({"shared", "protocol", "backends", "services"}),
+    "air": frozenset({"shared"}),
     "sim": frozenset(
         {
             "shared",
@@ -62,6 +63,7 @@ ALLOWED: dict[str, frozenset[str]] = {
             "agent",
             "daemon",
             "client",
+            "air",
         }
     ),
 }

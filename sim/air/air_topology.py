@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrexec.sim.air.request import AirRequestError, check_name
+from qrexec.air.request import AirRequestError, check_name
 from qrexec.sim.topology import Topology, TopologyError, derived_uuid, parse_topology
 
 #: The transport service every relay runs unless a RemoteVM names another.

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from qrexec.air.request import host_key_alias
 from qrexec.errors import QrexecError
 
 
@@ -31,11 +32,6 @@ class Endpoint:
     address: str
     port: int
     user: str
-
-
-def host_key_alias(host: str) -> str:
-    """The name a host's key is pinned under in every peer's known_hosts."""
-    return f"qubes-air-{host}"
 
 
 def find_openssh(program: str) -> str:
@@ -81,7 +77,7 @@ def generate_key(path: Path, comment: str) -> str:
 
 def entry_command(peer: str, config: Path) -> list[str]:
     """The forced command for one peer's key: our entry, with the peer's name bound in."""
-    return [sys.executable, "-m", "qrexec.sim.air.entry", "--peer", peer, "--config", str(config)]
+    return [sys.executable, "-m", "qrexec.air.entry", "--peer", peer, "--config", str(config)]
 
 
 def authorized_key_line(peer: str, public_key: str, config: Path) -> str:

@@ -48,7 +48,7 @@ def _quiet(_: str) -> None:
 
 def proxy_script(config: Path) -> str:
     """The ``qubesair.SSHProxy`` service file installed into a relay qube."""
-    command = shlex.join([sys.executable, "-m", "qrexec.sim.air.proxy", "--config", str(config)])
+    command = shlex.join([sys.executable, "-m", "qrexec.air.proxy", "--config", str(config)])
     return f'#!/bin/sh\nexec {command} "$@"\n'
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from air_support import TOPOLOGY, topology
 
-from qrexec.sim.air import entry, proxy, sshsetup
-from qrexec.sim.air.air_topology import parse_air_topology, system_info_entries
-from qrexec.sim.air.request import (
+from qrexec.air import entry, proxy
+from qrexec.air.request import (
     AirRequestError,
     parse_request_line,
     split_transport_argument,
 )
+from qrexec.sim.air import sshsetup
+from qrexec.sim.air.air_topology import parse_air_topology, system_info_entries
 from qrexec.sim.topology import TopologyError
 
 

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qrexec.sim.air.request import AirRequestError, parse_request_line
+from qrexec.air.request import AirRequestError, parse_request_line
 
 EXIT_REFUSED = 126
 EXIT_QREXEC_PROBLEM = 125
@@ -62,7 +62,7 @@ def prepare(config: Mapping[str, Any], peer: str, command: str) -> list[str] | i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qrexec.sim.air.entry --peer PEER --config FILE`` (sshd's forced command)."""
+    """``python -m qrexec.air.entry --peer PEER --config FILE`` (sshd's forced command)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 4 or args[0] != "--peer" or args[2] != "--config":
         return _refuse("usage: entry --peer PEER --config FILE", EXIT_QREXEC_PROBLEM)

@@ -29,13 +29,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
-from qrexec.sim.air.request import (
+from qrexec.air.request import (
     AirRequestError,
     RelayRequest,
+    host_key_alias,
     parse_request_line,
     split_transport_argument,
 )
-from qrexec.sim.air.sshsetup import host_key_alias
 
 DEFAULT_CONFIG = "/etc/qubes/air/sshproxy.json"
 PROGRAM = "qubesair.SSHProxy"
@@ -158,7 +158,7 @@ def copy_stderr(source: IO[bytes]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m qrexec.sim.air.proxy [--config FILE] [ARGUMENT]``."""
+    """Entry point: ``python -m qrexec.air.proxy [--config FILE] [ARGUMENT]``."""
     args = list(sys.argv[1:] if argv is None else argv)
     config_path = DEFAULT_CONFIG
     if len(args) >= 2 and args[0] == "--config":

@@ -40,6 +40,11 @@ def check_service(value: str) -> str:
     return value
 
 
+def host_key_alias(host: str) -> str:
+    """The name a host's key is pinned under in every peer's known_hosts (``HostKeyAlias``)."""
+    return f"qubes-air-{host}"
+
+
 @dataclass(frozen=True)
 class TransportArgument:
     """``REMOTE_TARGET+SERVICE+ARG`` as the relay's transport service receives it."""
