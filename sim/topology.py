@@ -385,17 +385,21 @@ def parse_topology(data: Mapping[str, Any], base: Path | None = None) -> Topolog
     return topology
 
 
-def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topology file."""
-    path = Path(path)
+def read_topology_file(path: Path) -> dict[str, Any]:
+    """The parsed TOML of a topology file (single- or multi-host), errors as TopologyError."""
     try:
         with path.open("rb") as handle:
-            data = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as exc:
         raise TopologyError(f"cannot read topology {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{path}: {exc}") from exc
-    return parse_topology(data, base=path.parent)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate a topology file."""
+    path = Path(path)
+    return parse_topology(read_topology_file(path), base=path.parent)
 
 
 def default_topology_text() -> str:

@@ -23,14 +23,19 @@ is documented in ``sim/TOPOLOGY.md``. Validation happens here; reads only the fi
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qrexec.air.request import AirRequestError, check_name
-from qrexec.sim.topology import Topology, TopologyError, derived_uuid, parse_topology
+from qrexec.sim.topology import (
+    Topology,
+    TopologyError,
+    derived_uuid,
+    parse_topology,
+    read_topology_file,
+)
 
 #: The transport service every relay runs unless a RemoteVM names another.
 DEFAULT_TRANSPORT = "qubesair.SSHProxy"
@@ -159,13 +164,7 @@ def parse_air_topology(data: Mapping[str, Any], base: Path | None = None) -> Air
         spec = raw.get("topology")
         if isinstance(spec, str):
             path = Path(spec) if base is None else base / spec
-            try:
-                with path.open("rb") as handle:
-                    topology = parse_topology(tomllib.load(handle), base=path.parent)
-            except OSError as exc:
-                raise TopologyError(f"{where}.topology: cannot read {path}: {exc}") from exc
-            except tomllib.TOMLDecodeError as exc:
-                raise TopologyError(f"{where}.topology: {path}: {exc}") from exc
+            topology = parse_topology(read_topology_file(path), base=path.parent)
         elif isinstance(spec, Mapping):
             topology = parse_topology(spec, base=base)
         else:
@@ -198,26 +197,13 @@ def parse_air_topology(data: Mapping[str, Any], base: Path | None = None) -> Air
 def load_air_topology(path: str | Path) -> AirTopology:
     """Read and validate a multi-host topology file."""
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise TopologyError(f"cannot read topology {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: {exc}") from exc
-    return parse_air_topology(data, base=path.parent)
+    return parse_air_topology(read_topology_file(path), base=path.parent)
 
 
 def load_any_topology(path: str | Path) -> Topology | AirTopology:
     """A single-host or a multi-host topology file, whichever it is."""
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise TopologyError(f"cannot read topology {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise TopologyError(f"{path}: {exc}") from exc
+    data = read_topology_file(path)
     if is_multi_host(data):
         return parse_air_topology(data, base=path.parent)
     return parse_topology(data, base=path.parent)
