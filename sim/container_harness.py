@@ -121,16 +121,7 @@ class ContainerTestbed:
         directory: str | None = None,
     ) -> str:
         """Put a service into a domain; return its path inside the container."""
-        if (script is None) == (program is None):
-            raise TopologyError("install_service: give exactly one of script and program")
-        default_dir = "/etc/qubes_rpc" if program is not None else "/etc/qubes-rpc"
-        spec = ServiceSpec(
-            name=name,
-            directory=directory or default_dir,
-            script=script,
-            program=program,
-            rpc_config=rpc_config,
-        )
+        spec = ServiceSpec.to_install(name, script, program, rpc_config, directory)
         with tempfile.TemporaryDirectory() as scratch:
             written = roots.install_service(Path(scratch), spec, python=IMAGE_PYTHON)
             self._install_tree(domain, Path(scratch))

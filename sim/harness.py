@@ -94,16 +94,7 @@ class RunningTestbed:
         directory: str | None = None,
     ) -> Path:
         """Put a service into a domain (an inline script, or a 2011-style one-line file)."""
-        if (script is None) == (program is None):
-            raise TopologyError("install_service: give exactly one of script and program")
-        default_dir = "/etc/qubes_rpc" if program is not None else "/etc/qubes-rpc"
-        spec = ServiceSpec(
-            name=name,
-            directory=directory or default_dir,
-            script=script,
-            program=program,
-            rpc_config=rpc_config,
-        )
+        spec = ServiceSpec.to_install(name, script, program, rpc_config, directory)
         return roots.install_service(self.root(domain), spec)
 
     def install_file(self, domain: str, path: str, text: str, mode: int = 0o644) -> Path:

@@ -76,6 +76,28 @@ class ServiceSpec:
     builtin: str | None = None
     rpc_config: str | None = None
 
+    @classmethod
+    def to_install(
+        cls,
+        name: str,
+        script: str | None,
+        program: str | None,
+        rpc_config: str | None,
+        directory: str | None,
+    ) -> ServiceSpec:
+        """What a test's ``install_service(...)`` asks for: an inline script, or a one-line
+        2011 file naming ``program`` (then in ``/etc/qubes_rpc`` unless ``directory`` says)."""
+        if (script is None) == (program is None):
+            raise TopologyError("install_service: give exactly one of script and program")
+        default_dir = "/etc/qubes_rpc" if program is not None else "/etc/qubes-rpc"
+        return cls(
+            name=name,
+            directory=directory or default_dir,
+            script=script,
+            program=program,
+            rpc_config=rpc_config,
+        )
+
 
 @dataclasses.dataclass
 class PolicySpec:
