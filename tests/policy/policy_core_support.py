@@ -10,6 +10,7 @@ from qrexec.policy.loading.memory_store import policy_from_text
 VM1_UUID = "11111111-1111-1111-1111-111111111111"
 VM2_UUID = "22222222-2222-2222-2222-222222222222"
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
+DEFAULT_DVM_UUID = "dddddddd-dddd-dddd-dddd-dddddddddddd"
 
 SYSTEM_DATA = {
     "domains": {
@@ -43,6 +44,7 @@ SYSTEM_DATA = {
         },
         "default-dvm": {
             "type": "AppVM",
+            "uuid": DEFAULT_DVM_UUID,
             "tags": ["dvm-tag"],
             "template_for_dispvms": True,
             "power_state": "Halted",

@@ -1,10 +1,14 @@
 """Deciding one request against an ordered list of rules (spec §6.2 "Evaluation").
 
-First matching rule wins; allow resolves its target (``@dispvm`` → ``@dispvm:NAME``,
-``@adminvm`` → ``dom0``) and refuses ``@default``, loopback and, with ``autostart=no``, a
-target that is not running; ask builds its candidate list by scanning every rule for the same
-service, argument and source bottom-up. Also here: turning the user's answer to an ask into
-the final decision. Does no I/O; :class:`qrexec.policy.engine.policy.Policy` feeds it the rules.
+A requested target that cannot be a call's target (``@anyvm``, ``@dispvm:`` of something
+that is not a disposable template…) is refused before any rule is read. Then the first
+matching rule wins; allow resolves its target (``@dispvm`` → ``@dispvm:NAME``, ``@adminvm`` →
+``dom0``) and refuses ``@default``, loopback and, with ``autostart=no``, a target that is not
+running (notifying as the rule says); ask builds its candidate list by scanning every rule
+for the same service, argument and source bottom-up, and with ``autostart=no`` keeps only
+running qubes. These are Qubes R4.3's decisions; docs/decisions.md lists where we differ on
+purpose. Also here: turning the user's answer to an ask into the final decision. Does no
+I/O; :class:`qrexec.policy.engine.policy.Policy` feeds it the rules.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from qrexec.policy.engine.tokens import (
     DEFAULT,
     DISPVM,
     DISPVM_PREFIX,
+    InvalidTarget,
     canonical_request_target,
     expand_target,
     matches_source,
@@ -50,7 +55,10 @@ def check_request(request: Request, info: SystemInfo) -> tuple[DomainInfo, str] 
     source = _source_of(request, info)
     if source is None:
         return f"unknown source qube {request.source!r}"
-    return source, canonical_request_target(request.target, source, info)
+    target = canonical_request_target(request.target, source, info)
+    if isinstance(target, InvalidTarget):
+        return f"invalid intended target: {target.reason}"
+    return source, target
 
 
 def find_matching_rule(
@@ -67,10 +75,11 @@ def find_matching_rule(
     return None
 
 
-def final_target(
-    value: str, source: DomainInfo, info: SystemInfo, *, autostart: bool
-) -> tuple[str | None, str]:
-    """Resolve an allowed target; returns (target, "") or (None, why it is refused)."""
+def final_target(value: str, source: DomainInfo, info: SystemInfo) -> tuple[str | None, str]:
+    """Resolve an allowed target; returns (target, "") or (None, why it is refused).
+
+    Whether the target runs (``autostart=no``) is :func:`autostart_refusal`'s question.
+    """
     if value == DEFAULT:
         return None, "no target was given by the caller or by the policy (target=)"
     if value == DISPVM:
@@ -81,17 +90,28 @@ def final_target(
         base = info.get(value[len(DISPVM_PREFIX) :])
         if base is None or not base.template_for_dispvms:
             return None, f"{value}: not an existing disposable template"
-        if not autostart:
-            return None, "autostart=no, and a new disposable is never running"
         return DISPVM_PREFIX + base.name, ""
     dom = info.get(value)
     if dom is None:
         return None, f"target {value!r} does not exist"
     if dom.name == source.name:
         return None, f"loopback call refused ({source.name} calling itself)"
-    if not autostart and not dom.is_running:
-        return None, f"autostart=no, and {dom.name} is not running"
     return dom.name, ""
+
+
+def is_running(target: str, info: SystemInfo) -> bool:
+    """Does the resolved ``target`` run now? dom0 always does; a new disposable never does."""
+    if target.startswith(DISPVM_PREFIX):
+        return False
+    dom = info.get(target)
+    return dom is not None and dom.is_running
+
+
+def autostart_refusal(target: str, info: SystemInfo) -> str:
+    """The deny reason for a resolved ``target`` that ``autostart=no`` rules out."""
+    if target.startswith(DISPVM_PREFIX):
+        return "autostart=no, and a new disposable is never running"
+    return f"autostart=no, and {target} is not running"
 
 
 def collect_targets_for_ask(
@@ -126,7 +146,11 @@ def collect_targets_for_ask(
     def offered(target: str) -> bool:
         name = target.removeprefix(DISPVM_PREFIX)
         dom = info.get(name)
-        return dom is not None and target != source.name and not dom.internal
+        if dom is None or target == source.name or dom.internal:
+            return False
+        # "@dispvm:X" only when X is a disposable template (a redirect or a default_dispvm
+        # can name any qube).
+        return name == target or dom.template_for_dispvms
 
     return sorted(t for t in targets if offered(t))
 
@@ -141,6 +165,12 @@ def decide(
     (in policy order), since ask scans them all for candidates."""
     checked = check_request(request, info)
     if isinstance(checked, str):
+        log.warning(
+            "%s: %s refused before any rule: %s",
+            request.source,
+            request.service_and_arg,
+            checked,
+        )
         return Resolution.deny(request, checked)
     source, target = checked
     if target == source.name:
@@ -160,9 +190,13 @@ def decide(
                     request, f"{where}: target={rule.redirect} does not exist", rule=rule.ref
                 )
             wanted = redirected
-        resolved, why = final_target(wanted, source, info, autostart=rule.autostart)
+        resolved, why = final_target(wanted, source, info)
         if resolved is None:
             return Resolution.deny(request, f"{where}: {why}", rule=rule.ref)
+        if not rule.autostart and not is_running(resolved, info):
+            # The rule's own notify (default no), as Qubes: this deny is the rule's choice.
+            why = autostart_refusal(resolved, info)
+            return Resolution.deny(request, f"{where}: {why}", rule=rule.ref, notify=rule.notify)
         return Resolution.allow(
             request,
             resolved,
@@ -187,10 +221,13 @@ def _ask(
         candidates: list[str] = []
         redirected = resolve_redirect(rule.redirect, source, info)
         if redirected is not None:
-            resolved, _ = final_target(redirected, source, info, autostart=True)
+            resolved, _ = final_target(redirected, source, info)
             candidates = [resolved] if resolved is not None else []
     else:
         candidates = collect_targets_for_ask(rules, request, source, info)
+    if not rule.autostart:
+        # Qubes offers only what already runs when the rule says autostart=no.
+        candidates = [c for c in candidates if is_running(c, info)]
     if not candidates:
         return Resolution.deny(
             request, f"{where}: ask, but no target is available to choose from", rule=rule.ref
@@ -238,9 +275,13 @@ def resolve_ask(resolution: Resolution, chosen: str, info: SystemInfo) -> Resolu
     source = _source_of(request, info)
     if source is None:
         return Resolution.deny(request, f"unknown source qube {request.source!r}")
-    resolved, why = final_target(chosen, source, info, autostart=resolution.autostart)
+    resolved, why = final_target(chosen, source, info)
     if resolved is None:
         return Resolution.deny(request, why, rule=resolution.rule)
+    if not resolution.autostart and not is_running(resolved, info):
+        # It stopped since it was offered; as for allow, the rule's notify applies.
+        why = autostart_refusal(resolved, info)
+        return Resolution.deny(request, why, rule=resolution.rule, notify=resolution.notify)
     return Resolution.allow(
         request,
         resolved,
@@ -255,11 +296,12 @@ def resolve_ask(resolution: Resolution, chosen: str, info: SystemInfo) -> Resolu
 def resolve_ask_assume_yes(resolution: Resolution, info: SystemInfo) -> Resolution:
     """``--assume-yes-for-ask``: the requested target if offered, else the default target."""
     source = _source_of(resolution.request, info)
-    requested = (
+    canonical = (
         canonical_request_target(resolution.request.target, source, info)
         if source is not None
         else DEFAULT
     )
+    requested = canonical if isinstance(canonical, str) else DEFAULT
     if requested == DISPVM and source is not None and source.default_dispvm:
         requested = DISPVM_PREFIX + source.default_dispvm
     if requested in resolution.targets_for_ask:

@@ -23,6 +23,7 @@ from qrexec.policy.engine.system_info import (
     ADMIN_VM_UUID,
     DomainInfo,
     SystemInfo,
+    is_valid_qube_name,
     is_valid_uuid,
 )
 
@@ -30,7 +31,6 @@ DEFAULT = "@default"
 DISPVM = "@dispvm"
 DISPVM_PREFIX = "@dispvm:"
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TYPE = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -83,7 +83,13 @@ class Token:
 
 
 def _classify(text: str) -> tuple[TokenKind, str] | str:
-    """Kind and value of ``text``, or an error message."""
+    """Kind and value of ``text``, or an error message.
+
+    As in Qubes' engine, anything that is not ``*`` and does not start with ``@`` is a qube
+    name, whatever its characters: ``uuid:1234`` or ``bad$name`` load and simply match no
+    qube (:func:`never_matches` says why, for ``qubes-policy-lint``). Only a well-formed
+    ``uuid:`` is read as a uuid. ``@`` keywords, tags and types are checked.
+    """
     if text == "*":
         return _K.WILDCARD, ""
     if text in ("@anyvm", "@adminvm", "@default", "@dispvm"):
@@ -93,9 +99,10 @@ def _classify(text: str) -> tuple[TokenKind, str] | str:
         return (_K.DISPVM_TAG, tag) if _TAG.match(tag) else f"invalid tag in {text!r}"
     if text.startswith(DISPVM_PREFIX):
         base = text[len(DISPVM_PREFIX) :]
-        inner = _classify(base)
-        if isinstance(inner, str) or inner[0] not in (_K.NAME, _K.UUID):
+        if not base or base.startswith("@"):
             return f"invalid disposable template in {text!r}"
+        # Any name loads, dom0 included (it is never a disposable template, so such a rule
+        # matches nothing): Qubes loads these too.
         return _K.DISPVM_TEMPLATE, base
     if text.startswith("@tag:"):
         tag = text[len("@tag:") :]
@@ -107,14 +114,55 @@ def _classify(text: str) -> tuple[TokenKind, str] | str:
         return f"unknown keyword {text!r}"
     if text.startswith("uuid:"):
         uuid = text[len("uuid:") :].lower()
-        if not is_valid_uuid(uuid):
-            return f"invalid uuid {text!r}"
-        return (_K.ADMINVM, "") if uuid == ADMIN_VM_UUID else (_K.UUID, uuid)
+        if is_valid_uuid(uuid):
+            return (_K.ADMINVM, "") if uuid == ADMIN_VM_UUID else (_K.UUID, uuid)
+        return _K.NAME, text
     if text == ADMIN_VM_NAME:
         return _K.ADMINVM, ""
-    if _NAME.match(text) and text[0] != "-":
-        return _K.NAME, text
-    return f"invalid qube name {text!r}"
+    return _K.NAME, text
+
+
+def _dead_name(text: str) -> str | None:
+    """Why the qube name or uuid ``text`` can never name a qube, or None if it could."""
+    if text.startswith("uuid:"):
+        uuid = text[len("uuid:") :].lower()
+        return None if is_valid_uuid(uuid) else f"{text!r} is not a well-formed uuid"
+    if not is_valid_qube_name(text):
+        return f"{text!r} is not a valid qube name"
+    return None
+
+
+def never_matches(token: Token) -> str | None:
+    """Why a token that loads can never match any qube on any system, or None.
+
+    These are the tokens Qubes' engine accepts although they cannot name anything: names
+    with characters (or a length) qube names cannot have, malformed ``uuid:`` forms, and
+    ``@dispvm:`` of dom0 or of such a name. A policy that has them still loads (as in
+    Qubes); ``qubes-policy-lint`` warns about them.
+    """
+    if token.kind is _K.NAME:
+        return _dead_name(token.value)
+    if token.kind is _K.DISPVM_TEMPLATE:
+        base = token.value
+        if base == ADMIN_VM_NAME or base.lower() == "uuid:" + ADMIN_VM_UUID:
+            return f"{token.text!r}: dom0 is never a disposable template"
+        dead = _dead_name(base)
+        return f"{token.text!r}: {dead}" if dead is not None else None
+    return None
+
+
+def unknown_qube(token: Token, info: SystemInfo) -> str | None:
+    """Why ``token`` names no qube of ``info`` (a name or uuid that does not exist), or None.
+
+    For tokens that could match on another system; :func:`never_matches` covers the rest.
+    """
+    if token.kind in (_K.NAME, _K.UUID) or (
+        token.kind is _K.DISPVM_TEMPLATE and never_matches(token) is None
+    ):
+        name = "uuid:" + token.value if token.kind is _K.UUID else token.value
+        if info.get(name) is None:
+            return f"{token.text!r}: no such qube"
+    return None
 
 
 def parse_token(text: str, column: Column, path: str, lineno: int | None) -> Token:
@@ -128,18 +176,33 @@ def parse_token(text: str, column: Column, path: str, lineno: int | None) -> Tok
     return Token(kind, value, text)
 
 
-def canonical_request_target(text: str, source: DomainInfo, info: SystemInfo) -> str:
-    """The requested target in canonical form; anything invalid or nonexistent is ``@default``.
+@dataclasses.dataclass(frozen=True, slots=True)
+class InvalidTarget:
+    """A requested target that cannot be a call's target: the request is refused before any
+    rule is read (as Qubes' engine does, "invalid intended target")."""
 
-    (§6.2 evaluation step 1.) ``@dispvm:NAME`` stays only when NAME exists and has
-    template_for_dispvms.
+    reason: str
+
+
+def canonical_request_target(
+    text: str, source: DomainInfo, info: SystemInfo
+) -> str | InvalidTarget:
+    """The requested target in canonical form (§6.2 evaluation step 1), or why it is invalid.
+
+    A qube name or uuid that names no qube is ``@default``, as in Qubes. A keyword that
+    cannot be a call's target (``@anyvm``, ``*``, ``@tag:T``…, unknown ``@`` words) and
+    ``@dispvm:X`` where X is missing or not a disposable template are invalid: Qubes refuses
+    those before any rule, and treating them as ``@default`` would let a ``@default`` rule
+    allow or ask what the caller could not have named.
     """
     if text in ("", DEFAULT):
         return DEFAULT
     result = _classify(text)
-    if isinstance(result, str) or result[0] not in ALLOWED[Column.REQUEST]:
-        return DEFAULT
+    if isinstance(result, str):
+        return InvalidTarget(result)
     kind, value = result
+    if kind not in ALLOWED[Column.REQUEST]:
+        return InvalidTarget(f"{text!r} cannot be the target of a call")
     if kind is _K.ADMINVM:
         return ADMIN_VM_NAME
     if kind is _K.DISPVM:
@@ -147,12 +210,13 @@ def canonical_request_target(text: str, source: DomainInfo, info: SystemInfo) ->
     if kind in (_K.NAME, _K.UUID):
         dom = info.get(text)
         return dom.name if dom is not None else DEFAULT
-    if kind is _K.DISPVM_TEMPLATE:
-        base = info.get(value)
-        if base is None or not base.template_for_dispvms:
-            return DEFAULT
-        return DISPVM_PREFIX + base.name
-    return DEFAULT
+    # kind is DISPVM_TEMPLATE
+    base = info.get(value)
+    if base is None:
+        return InvalidTarget(f"{text!r}: no qube {value!r}")
+    if not base.template_for_dispvms:
+        return InvalidTarget(f"{text!r}: {base.name} is not a disposable template")
+    return DISPVM_PREFIX + base.name
 
 
 def _domain_of(token: Token, info: SystemInfo) -> DomainInfo | None:

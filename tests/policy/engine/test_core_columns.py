@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from qrexec.policy.engine.system_info import DomainInfo
-from qrexec.policy.engine.tokens import canonical_request_target
+from qrexec.policy.engine.tokens import InvalidTarget, canonical_request_target
 from qrexec.policy.loading.memory_store import policy_from_text
-from tests.policy.policy_core_support import VM1_UUID, system
+from tests.policy.policy_core_support import DEFAULT_DVM_UUID, VM1_UUID, VM2_UUID, system
 
 # token → allowed in (source, target, target=, default_target=, as requested target)
 TABLE = [
@@ -25,19 +25,18 @@ TABLE = [
     ("@type:AppVM", True, True, False, False, False),
 ]
 
+# Unknown keywords and bad tags, types or disposable bases are errors, as in Qubes.
 INVALID = [
     "@foo",
     "@tag:",
     "@type:",
-    "uuid:1234",
-    "vm!1",
     "@dispvm:@anyvm",
-    "-vm",
-    "$anyvm",
     "@dispvm:",
     "@dispvm:@tag:",
+    "@dispvm:@adminvm",
     "@tag:a/b",
-    "vm1,allow",
+    "@type:App-VM",
+    "@Anyvm",
 ]
 
 
@@ -56,7 +55,7 @@ def test_token_accepted_exactly_where_allowed(
     assert _parses(f"test.Svc * vm1 vm2 ask default_target={token}") is dflt
     assert _parses(f"test.Svc * vm1 vm2 ask target={token}") is redir
     canonical = canonical_request_target(token, system()["vm1"], system())
-    assert (canonical != "@default" or token == "@default") is req
+    assert isinstance(canonical, str) is req
 
 
 @pytest.mark.parametrize("token", INVALID)
@@ -92,13 +91,12 @@ def test_rejection_names_file_line_and_token() -> None:
         ("uuid:00000000-0000-0000-0000-000000000000", "dom0"),
         ("@dispvm", "@dispvm"),
         ("@dispvm:default-dvm", "@dispvm:default-dvm"),
-        ("@dispvm:vm2", "@default"),  # not a disposable template
-        ("@dispvm:nonexistent", "@default"),
+        (f"@dispvm:uuid:{DEFAULT_DVM_UUID}", "@dispvm:default-dvm"),
+        # a name or uuid that names no qube is @default, as in Qubes
         ("nonexistent", "@default"),
         ("uuid:99999999-9999-9999-9999-999999999999", "@default"),
-        ("@anyvm", "@default"),
-        ("*", "@default"),
-        ("@tag:tag1", "@default"),
+        ("uuid:1234", "@default"),
+        ("bad$name", "@default"),
         ("bad name!", "@default"),
     ],
 )
@@ -106,3 +104,28 @@ def test_requested_target_canonical_form(requested: str, canonical: str) -> None
     info = system()
     source: DomainInfo = info["vm1"]
     assert canonical_request_target(requested, source, info) == canonical
+
+
+@pytest.mark.parametrize(
+    ("requested", "why"),
+    [
+        ("@anyvm", "cannot be the target"),
+        ("*", "cannot be the target"),
+        ("@tag:tag1", "cannot be the target"),
+        ("@type:AppVM", "cannot be the target"),
+        ("@dispvm:@tag:dvm-tag", "cannot be the target"),
+        ("@foo", "unknown keyword"),
+        ("@dispvm:", "invalid disposable template"),
+        ("@dispvm:vm2", "not a disposable template"),
+        (f"@dispvm:uuid:{VM2_UUID}", "not a disposable template"),
+        ("@dispvm:dom0", "not a disposable template"),
+        ("@dispvm:uuid:00000000-0000-0000-0000-000000000000", "not a disposable template"),
+        ("@dispvm:nonexistent", "no qube"),
+        ("@dispvm:uuid:99999999-9999-9999-9999-999999999999", "no qube"),
+    ],
+)
+def test_invalid_requested_target(requested: str, why: str) -> None:
+    info = system()
+    canonical = canonical_request_target(requested, info["vm1"], info)
+    assert isinstance(canonical, InvalidTarget)
+    assert why in canonical.reason
