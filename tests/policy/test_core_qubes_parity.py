@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from qrexec.policy.ask import QueuedPrompter
 from qrexec.policy.audit import AuditLog, read_audit_log
 from qrexec.policy.decide import Decider

@@ -152,16 +152,19 @@ def never_matches(token: Token) -> str | None:
 
 
 def unknown_qube(token: Token, info: SystemInfo) -> str | None:
-    """Why ``token`` names no qube of ``info`` (a name or uuid that does not exist), or None.
+    """Why ``token`` names no qube of ``info``, or None.
 
-    For tokens that could match on another system; :func:`never_matches` covers the rest.
+    For names and uuids that do not exist there, and ``@dispvm:X`` where X does not exist or
+    is not a disposable template: tokens that may match on another system (unlike those of
+    :func:`never_matches`) but match nothing on this one.
     """
-    if token.kind in (_K.NAME, _K.UUID) or (
-        token.kind is _K.DISPVM_TEMPLATE and never_matches(token) is None
-    ):
-        name = "uuid:" + token.value if token.kind is _K.UUID else token.value
-        if info.get(name) is None:
-            return f"{token.text!r}: no such qube"
+    if token.kind not in (_K.NAME, _K.UUID, _K.DISPVM_TEMPLATE) or never_matches(token):
+        return None
+    dom = info.get("uuid:" + token.value if token.kind is _K.UUID else token.value)
+    if dom is None:
+        return f"{token.text!r}: no such qube"
+    if token.kind is _K.DISPVM_TEMPLATE and not dom.template_for_dispvms:
+        return f"{token.text!r}: {dom.name} is not a disposable template"
     return None
 
 
