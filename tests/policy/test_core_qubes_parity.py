@@ -42,8 +42,10 @@ INFO: SystemInfo = parse_system_info(
             "disp-run": {"type": "DispVM", "template": "dvm", "power_state": "Running"},
             "disp-paused": {"type": "DispVM", "template": "dvm", "power_state": "Paused"},
             "disp-halted": {"type": "DispVM", "template": "dvm", "power_state": "Halted"},
-            # a qube whose default disposable template is not a disposable template
+            # qubes whose default disposable template is not a disposable template
             "odd": {"power_state": "Running", "default_dispvm": "plain"},
+            "odder": {"power_state": "Running", "default_dispvm": "dom0"},
+            "disp-of-dom0": {"type": "DispVM", "template": "dom0", "power_state": "Running"},
         }
     }
 )
@@ -160,6 +162,15 @@ def test_bad_keywords_still_fail_the_policy(token: str) -> None:
 def test_name_and_uuid_forms(token: str, requested: str, matches: bool) -> None:
     res = evaluate(f"test.Svc * work {token} allow\ntest.Svc * * * deny\n", requested)
     assert (res.rule is not None and res.rule.lineno == 1) is matches, res.reason
+
+
+@pytest.mark.parametrize("token", ["@dispvm:dom0", f"@dispvm:uuid:{DOM0_UUID}"])
+def test_dispvm_of_dom0_matches_nothing_even_if_data_says_so(token: str) -> None:
+    """Even a default_dispvm (or a disposable's template) of dom0 does not make it match."""
+    policy = f"test.Svc * {token} * allow\ntest.Svc * odder {token} allow\ntest.Svc * * * deny\n"
+    for source, requested in (("odder", "@dispvm"), ("disp-of-dom0", "run-vm")):
+        res = evaluate(policy, requested, source)
+        assert res.rule is not None and res.rule.lineno == 3, res.reason
 
 
 @pytest.mark.parametrize(
@@ -281,17 +292,19 @@ def test_invalid_target_reason_is_logged_and_audited(
 
 # --- 3. ask autostart=no offers only running qubes -------------------------------------------
 
-RUNNING_FOR_WORK = ("disp-run", "dvm-up", "odd", "plain", "run-vm")
+RUNNING_FOR_WORK = ("disp-of-dom0", "disp-run", "dvm-up", "odd", "odder", "plain", "run-vm")
 EVERYTHING_FOR_WORK = (
     "@dispvm:dvm",
     "@dispvm:dvm-up",
     "disp-halted",
+    "disp-of-dom0",
     "disp-paused",
     "disp-run",
     "dvm",
     "dvm-up",
     "halted-vm",
     "odd",
+    "odder",
     "paused-vm",
     "plain",
     "run-vm",
@@ -310,8 +323,12 @@ EVERYTHING_FOR_ODD = tuple(sorted({*EVERYTHING_FOR_WORK, "work"} - {"odd"}))
         ("* ask autostart=no", (*RUNNING_FOR_WORK, "dom0"), "@default"),
         ("@tag:t ask autostart=no", ("run-vm",), "halted-vm"),
         ("@tag:t ask", ("halted-vm", "paused-vm", "run-vm"), "halted-vm"),
-        ("@type:DispVM ask autostart=no", ("disp-run",), "disp-paused"),
-        ("@type:DispVM ask", ("disp-halted", "disp-paused", "disp-run"), "disp-paused"),
+        ("@type:DispVM ask autostart=no", ("disp-of-dom0", "disp-run"), "disp-paused"),
+        (
+            "@type:DispVM ask",
+            ("disp-halted", "disp-of-dom0", "disp-paused", "disp-run"),
+            "disp-paused",
+        ),
         # a new disposable never runs, even from a running template
         ("@dispvm:@tag:dt ask autostart=no", None, "@dispvm:dvm"),
         ("@dispvm:@tag:dt ask", ("@dispvm:dvm", "@dispvm:dvm-up"), "@dispvm:dvm"),

@@ -265,9 +265,15 @@ def matches_target(token: Token, value: str, source: DomainInfo, info: SystemInf
         return value == DISPVM
     if kind is _K.DISPVM_TEMPLATE:
         # "@dispvm" means the source's default disposable template, so it matches too.
+        # dom0 is never a disposable template (never_matches), whatever default_dispvm says.
         base = _dispvm_base(value, source, info)
         wanted = info.get(token.value)
-        return base is not None and wanted is not None and base.name == wanted.name
+        return (
+            base is not None
+            and wanted is not None
+            and not wanted.is_admin
+            and base.name == wanted.name
+        )
     if kind is _K.DISPVM_TAG:
         base = _dispvm_base(value, source, info)
         return base is not None and base.template_for_dispvms and token.value in base.tags
@@ -304,7 +310,7 @@ def matches_source(token: Token, source: DomainInfo, info: SystemInfo) -> bool:
         if kind is _K.DISPVM_TAG:
             return token.value in base.tags
         wanted = info.get(token.value)
-        return wanted is not None and wanted.name == base.name
+        return wanted is not None and not wanted.is_admin and wanted.name == base.name
     return False
 
 

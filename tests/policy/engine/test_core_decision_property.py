@@ -184,7 +184,7 @@ def cases(draw: st.DrawFn) -> Case:
     info = draw(systems())
     names = sorted(info.names)
     source = draw(st.sampled_from(names))
-    target = draw(st.sampled_from(["", *names]) | st.sampled_from(REQUEST_TARGETS))
+    target = draw(st.sampled_from(["", "@dispvm", *names]) | st.sampled_from(REQUEST_TARGETS))
     lines = draw(st.lists(rule_lines(source, target), min_size=2, max_size=8))
     argument = draw(st.sampled_from(["+", "+x"]))
     return Case(info, "\n".join(lines) + "\n", Request("test.Svc", argument, source, target))
