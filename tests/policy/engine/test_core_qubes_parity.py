@@ -12,15 +12,16 @@ import logging
 from pathlib import Path
 
 import pytest
-from qrexec.policy.ask import QueuedPrompter
-from qrexec.policy.audit import AuditLog, read_audit_log
-from qrexec.policy.decide import Decider
-from qrexec.policy.memory_store import policy_from_text
-from qrexec.policy.model import Action, Request, Resolution
-from qrexec.policy.notify import Notification
-from qrexec.policy.policy import Policy
-from qrexec.policy.system_info import StaticSystemInfo, SystemInfo, parse_system_info
-from qrexec.policy.wire import PolicyQuery
+
+from qrexec.policy.decision.ask import QueuedPrompter
+from qrexec.policy.decision.audit import AuditLog, read_audit_log
+from qrexec.policy.decision.decide import Decider
+from qrexec.policy.decision.notify import Notification
+from qrexec.policy.decision.wire import PolicyQuery
+from qrexec.policy.engine.model import Action, Request, Resolution
+from qrexec.policy.engine.policy import Policy
+from qrexec.policy.engine.system_info import StaticSystemInfo, SystemInfo, parse_system_info
+from qrexec.policy.loading.memory_store import policy_from_text
 
 DOM0_UUID = "00000000-0000-0000-0000-000000000000"
 RUN_UUID = "11111111-1111-1111-1111-111111111111"
