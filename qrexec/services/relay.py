@@ -179,10 +179,18 @@ class DataChannel:
     async def send_exit(self, code: int) -> None:
         await self.stream.send(encode(ExitStatus(code)))
 
-    async def finish_early(self, code: int, *, stdout_eof: bool = True) -> None:
-        """The whole reply of a call that produced no data: EOFs, then the exit code."""
+    async def finish_early(
+        self, code: int, *, stdout_eof: bool = True, stdout_first: bool = False
+    ) -> None:
+        """The whole reply of a call that produced no data: EOFs, then the exit code.
+
+        dom0 sends STDERR EOF first; a VM agent sends STDOUT EOF first
+        (``stdout_first``, spec §15.6).
+        """
+        if stdout_first:
+            await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_eof(MsgType.DATA_STDERR)
-        if stdout_eof:
+        if stdout_eof and not stdout_first:
             await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_exit(code)
 
