@@ -14,13 +14,14 @@ cannot carry closes the client.
 
 dom0 answers on the control channel with the ident:
 
-* SERVICE_CONNECT ``{domain, port}``: the ident must read ``SOCKET<n>``; the first 8
+* SERVICE_CONNECT ``{domain, port}``: the ident must start ``SOCKET<n>`` (``SOCKET012``
+  and ``SOCKET12x`` name descriptor 12, as upstream reads them); the first 8
   payload bytes go to the client holding descriptor n, which becomes the vchan server of
   ``(domain, port)``. We then wait for the client to close its socket and send
   CONNECTION_TERMINATED ``(domain, port)``, on the control connection the request went
   out on (a restarted daemon must not free a port a new call holds). Any other ident, or
-  one naming no waiting client, is ignored (no CONNECTION_TERMINATED), as upstream ignores
-  a bad ident or EBADF.
+  one naming no waiting client (a second SERVICE_CONNECT included), is ignored (no
+  CONNECTION_TERMINATED), as upstream ignores a bad ident or EBADF.
 * SERVICE_REFUSED: the client socket is closed.
 
 A client that goes away before the answer keeps its descriptor (and so its ident) until
@@ -40,6 +41,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
 from typing import TYPE_CHECKING
 
@@ -168,14 +170,18 @@ def forward_frame(payload: bytes, version: int) -> bytes:
     return encode(convert_trigger(fields, version))
 
 
+#: ``SOCKET`` then a C-style decimal number; what follows the digits is ignored, as
+#: upstream's agent reads it.
+_SOCKET_IDENT = re.compile(rb"SOCKET[ \t\n\v\f\r]*([+-]?[0-9]{1,10})")
+
+
 def parse_socket_ident(raw: bytes) -> int | None:
     """The descriptor number of a ``SOCKET<n>`` ident (up to its first NUL), else None."""
-    text = raw.split(b"\0", 1)[0]
-    prefix = IDENT_PREFIX.encode()
-    digits = text[len(prefix) :]
-    if not text.startswith(prefix) or not digits.isdigit() or len(digits) > 9:
+    match = _SOCKET_IDENT.match(raw.split(b"\0", 1)[0])
+    if match is None:
         return None
-    return int(digits)
+    number = int(match.group(1))
+    return number if number >= 0 else None
 
 
 class TriggerSocket:

@@ -376,11 +376,15 @@ async def relay_socket(
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
+                await channel.send_eof(MsgType.DATA_STDOUT)
+                return
         else:
             await pump
-            if not exit_on_service_eof:
-                await client_eof
+        # The service's EOF goes out at once; the exit code waits for the caller's
+        # STDIN EOF too, unless exit-on-service-eof (spec §15.6, as upstream's agent).
         await channel.send_eof(MsgType.DATA_STDOUT)
+        if not exit_on_service_eof:
+            await client_eof
 
     caller_gone = asyncio.ensure_future(
         _relay_stdin(channel, lambda data: write_fd(fd, data), on_client_eof)

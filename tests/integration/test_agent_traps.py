@@ -332,9 +332,13 @@ def test_service_connect_writes_8_bytes_then_terminates(world: AgentWorld) -> No
     client.send(sent)
     fd, ident = forwarded_ident(world, sent)
     assert ident.endswith(b"xyz" + b"Q" * (32 - 21))
-    # A short ident, not re-padded, names the same client.
-    world.control.send(frame(MsgType.SERVICE_CONNECT, params(7, 600) + f"SOCKET{fd}\0".encode()))
+    # A short ident, not re-padded, with a leading zero and trailing bytes after the
+    # number, names the same client (upstream reads the number C-style).
+    world.control.send(frame(MsgType.SERVICE_CONNECT, params(7, 600) + f"SOCKET0{fd}x\0".encode()))
     assert client.read_bytes(8) == params(7, 600)
+    # A second SERVICE_CONNECT for it is ignored (a deliberate difference).
+    world.control.send(frame(MsgType.SERVICE_CONNECT, params(8, 601) + f"SOCKET{fd}\0".encode()))
+    assert client.silent_for(0.5)
     assert world.control.silent_for(0.5)
     client.close()
     assert world.control.read() == Frame(MsgType.CONNECTION_TERMINATED, params(7, 600))
@@ -345,7 +349,7 @@ def test_service_connect_bad_idents_are_ignored(world: AgentWorld) -> None:
     sent = trigger4(b"test.Svc\0")
     client.send(sent)
     fd, _ = forwarded_ident(world, sent)
-    for bad in (b"SOCKETX", b"SOCK", f"SOCKET{fd + 100}".encode(), b""):
+    for bad in (b"SOCKETX", b"SOCK", b"SOCKET-1", f"SOCKET{fd + 100}".encode(), b""):
         world.control.send(frame(MsgType.SERVICE_CONNECT, params(7, 600) + bad.ljust(32, b"\0")))
     assert client.silent_for(0.5)
     assert world.control.silent_for(0.5)
@@ -410,3 +414,94 @@ def test_v3_daemon_gets_trigger3_with_the_same_bytes() -> None:
     finally:
         system.stop_all()
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ---- §15.6: ordering once started ----
+
+
+class ScriptedSocketService:
+    """A socket service whose conversation the test steps through from its thread."""
+
+    def __init__(self, world: AgentWorld, name: str) -> None:
+        folder = world.vm.root / "etc/qubes-rpc"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(folder / name))
+        self.server.listen(1)
+
+    def accept(self) -> Peer:
+        self.server.settimeout(30)
+        conn, _ = self.server.accept()
+        self.server.close()
+        return Peer(conn)
+
+
+def read_descriptor(service: Peer) -> bytes:
+    got = b""
+    while not got.endswith(b"\0"):
+        one = service.read_bytes(1)
+        assert one is not None
+        got += one
+    return got
+
+
+def test_socket_service_exit_waits_for_both_directions(world: AgentWorld) -> None:
+    service = ScriptedSocketService(world, "test.Sock")
+    data = world.daemon.call(MsgType.EXEC_CMDLINE, world.rpc("test.Sock"))
+    conn = service.accept()
+    # The descriptor is the text after "QUBESRPC " as sent: no `+` is added.
+    assert read_descriptor(conn) == b"test.Sock src\0"
+    assert data.read() == STDERR_EOF
+    conn.send(b"out")
+    conn.sock.shutdown(socket.SHUT_WR)
+    assert data.read() == Frame(MsgType.DATA_STDOUT, b"out")
+    assert data.read() == STDOUT_EOF
+    # The service's EOF alone does not end the call: the caller's STDIN is still open.
+    assert data.silent_for(0.5)
+    data.send(frame(MsgType.DATA_STDIN, b"in") + frame(MsgType.DATA_STDIN, b""))
+    assert conn.read_bytes(2) == b"in"
+    assert conn.is_closed()
+    assert data.read_until_close() == [exit_code(0)]
+    world.terminated()
+
+
+def test_exit_on_client_eof(world: AgentWorld) -> None:
+    service = ScriptedSocketService(world, "test.Sock")
+    world.vm.write_file("etc/qubes/rpc-config/test.Sock", "exit-on-client-eof = true\n")
+    data = world.daemon.call(MsgType.EXEC_CMDLINE, world.rpc("test.Sock+"))
+    conn = service.accept()
+    assert read_descriptor(conn) == b"test.Sock+ src\0"
+    assert data.read() == STDERR_EOF
+    data.send(frame(MsgType.DATA_STDIN, b""))
+    assert data.read_until_close() == [STDOUT_EOF, exit_code(0)]
+    conn.close()
+    world.terminated()
+
+
+def test_exit_on_service_eof(world: AgentWorld) -> None:
+    service = ScriptedSocketService(world, "test.Sock")
+    world.vm.write_file("etc/qubes/rpc-config/test.Sock", "exit-on-service-eof = true\n")
+    data = world.daemon.call(MsgType.EXEC_CMDLINE, world.rpc("test.Sock+"))
+    conn = service.accept()
+    assert read_descriptor(conn) == b"test.Sock+ src\0"
+    assert data.read() == STDERR_EOF
+    conn.sock.shutdown(socket.SHUT_WR)
+    assert data.read_until_close() == [STDOUT_EOF, exit_code(0)]
+    conn.close()
+    world.terminated()
+
+
+def test_executable_exit_code_comes_last(world: AgentWorld) -> None:
+    world.vm.write_service("test.Both", "#!/bin/sh\necho out\necho err >&2\nexit 7\n")
+    data = world.daemon.call(MsgType.EXEC_CMDLINE, world.rpc("test.Both+"))
+    data.send(frame(MsgType.DATA_STDIN, b""))
+    frames = data.read_until_close()
+    assert frames[-1] == exit_code(7)
+    by_type: dict[int, list[bytes]] = {MsgType.DATA_STDOUT: [], MsgType.DATA_STDERR: []}
+    for one in frames[:-1]:
+        by_type[one.type].append(one.payload)
+    assert b"".join(by_type[MsgType.DATA_STDOUT]) == b"out\n"
+    assert by_type[MsgType.DATA_STDOUT][-1] == b""
+    assert by_type[MsgType.DATA_STDERR][-1] == b""
+    assert b"err\n" in b"".join(by_type[MsgType.DATA_STDERR])
+    world.terminated()
