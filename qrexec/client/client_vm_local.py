@@ -108,16 +108,44 @@ class LocalProgram:
         return None
 
     def finish(self) -> int:
-        """Close our ends and wait for the program; its status (128 + signal)."""
-        for sock in (self.stdin_sock, self.stdout_sock):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        """Wait for the program once the call is over; its status (128 + signal).
+
+        As upstream, the program's sockets stay open while we wait, so late output does
+        not hit EPIPE; unlike upstream, its stdin reads EOF (a program still reading it
+        would otherwise wait forever) and whatever it still writes is read and dropped.
+        """
+        with contextlib.suppress(OSError):
+            self.stdin_sock.shutdown(socket.SHUT_WR)
+        self._drain_until_exit()
         _, status = os.waitpid(self.pid, 0)
         self.stdin_sock.close()
         self.stdout_sock.close()
         if os.WIFSIGNALED(status):
             return SIGNAL_EXIT_BASE + os.WTERMSIG(status)
         return os.waitstatus_to_exitcode(status)
+
+    def _drain_until_exit(self) -> None:
+        """Read and drop the program's output until it exits (pidfd; else do nothing)."""
+        import select
+
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            return
+        try:
+            open_fds = {self.stdout_sock.fileno(), self.stdin_sock.fileno()}
+            while True:
+                ready, _, _ = select.select([pidfd, *open_fds], [], [])
+                if pidfd in ready:
+                    return
+                for fd in ready:
+                    try:
+                        if not os.read(fd, 65536):
+                            open_fds.discard(fd)
+                    except OSError:
+                        open_fds.discard(fd)
+        finally:
+            os.close(pidfd)
 
     def abandon(self) -> None:
         """The call failed before its data phase: close our ends, leave the program be."""

@@ -264,12 +264,16 @@ def test_sigusr1_is_one_shot_and_survivable(base: Path) -> None:
 
 def test_stdin_eof_at_once_when_exit_code_comes_first(base: Path) -> None:
     # The program waits for input that never comes; the exit code alone ends the call.
-    prog = script(base, "prog", "read x; exit 0\n")
+    # Then its stdin reads EOF (upstream would wait forever here), and what it writes
+    # afterwards must not kill it with SIGPIPE: its status is the call's exit code.
+    prog = script(base, "prog", "read x; echo late; echo late-err >&2; exit 6\n")
     call = Call(base, "vm2", "test.Svc", prog)
     data = call.allow()
     data.send(exit_frame(0))
     assert data.read() == STDIN_EOF
-    assert call.finish()[0] == 0
+    code, _, err = call.finish()
+    assert code == 6
+    assert b"late-err\n" in err
 
 
 def test_trigger_bytes(base: Path) -> None:
