@@ -8,6 +8,7 @@ their order, exit codes, CONNECTION_TERMINATED, and whether the agent exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -33,11 +34,33 @@ def exit_code(code: int) -> Frame:
     return Frame(MsgType.DATA_EXIT_CODE, struct.pack("<i", code))
 
 
+def start_c_agent(system: QrexecSystem, program: Path) -> None:
+    """Qubes' C qrexec-agent in place of ours, on the same folders (the differential
+    suite in ``tests/interop`` runs the scenarios here against both)."""
+    from qrexec.sim import processes
+
+    dom = system.domain("vm1", 1)
+    env = system.env(
+        1,
+        {
+            "QREXEC_SERVICE_PATH": str(dom.root / "etc/qubes-rpc"),
+            "QUBES_RPC_CONFIG_PATH": str(dom.root / "etc/qubes/rpc-config"),
+        },
+    )
+    argv = [str(program), f"--agent-socket={system.base}/agent.vm1.sock", "--no-fork-server"]
+    record, proc = processes.spawn("agent", "vm1", argv, env, system.logs / "agent.vm1.log")
+    system.records.append(record)
+    dom.agent, dom.agent_proc = record, proc
+
+
 class AgentWorld:
-    def __init__(self, system: QrexecSystem) -> None:
+    def __init__(self, system: QrexecSystem, c_agent: Path | None = None) -> None:
         self.system = system
         self.vm: Domain = system.domain("vm1", 1)
-        system.start_agent("vm1", 1)
+        if c_agent is None:
+            system.start_agent("vm1", 1)
+        else:
+            start_c_agent(system, c_agent)
         self.daemon = FakeDaemon(system.vchan_dir, 1)
         self.control = self.daemon.connect()
         self.trigger_path = system.base / "agent.vm1.sock"
@@ -73,16 +96,22 @@ class AgentWorld:
         return Peer(sock)
 
 
-@pytest.fixture
-def world() -> Iterator[AgentWorld]:
+@contextlib.contextmanager
+def agent_world(c_agent: Path | None = None) -> Iterator[AgentWorld]:
     # A short base folder: the fake peers bind vchan sockets without long-path help.
     base = Path(tempfile.mkdtemp(prefix="qa", dir="/tmp"))
     system = QrexecSystem(base)
     try:
-        yield AgentWorld(system)
+        yield AgentWorld(system, c_agent)
     finally:
         system.stop_all()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def world() -> Iterator[AgentWorld]:
+    with agent_world() as made:
+        yield made
 
 
 def test_vm_start_failure_sends_stdout_eof_first(world: AgentWorld) -> None:

@@ -45,6 +45,9 @@ STDIN_EOF = Frame(MsgType.DATA_STDIN, b"")
 class Call:
     """One qrexec-client-vm run against fake peers."""
 
+    #: The qrexec-client-vm to run: ours, or (differential suite) Qubes' C one.
+    c_client: Path | None = None
+
     def __init__(self, base: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.base = base
         self.vchan = base / "vchan"
@@ -58,8 +61,11 @@ class Call:
             QREXEC_AGENT_SOCKET=str(base / "agent.sock"),
         )
         full_env.update(env or {})
+        argv = [sys.executable, "-m", "qrexec.client.client_vm"]
+        if self.c_client is not None:
+            argv = [str(self.c_client), f"--agent-socket={base / 'agent.sock'}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qrexec.client.client_vm", *args],
+            [*argv, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
