@@ -584,3 +584,66 @@ def test_dev_tcp_failures_get_the_125_sequence(dom0: Dom0, link: str, name: str)
     code, raw, _ = dom0.call(f"QUBESRPC {name} vm5")
     assert raw == HELLO4 + ERR_EOF + OUT_EOF + exit_code(125)
     assert code == 125
+
+
+# ---- -d VM -c: no data phase ----
+
+
+def vm_connect(dom0: Dom0, *options: str) -> tuple[int, FakeSourceDaemon, FakeSourceDaemon]:
+    target = FakeSourceDaemon(
+        dom0.system.socket_dir, "vm2", encode(ExecParams(MsgType.EXEC_CMDLINE, 2, 515))
+    )
+    source = FakeSourceDaemon(dom0.system.socket_dir, SRCID, b"", close_after_reply=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qrexec.client.cli",
+            "-d",
+            "vm2",
+            "-c",
+            f"{REQ},vm5,{SRCID}",
+            *options,
+            "user:QUBESRPC test.Echo+ vm5",
+        ],
+        capture_output=True,
+        env=dom0.env(),
+        timeout=30,
+        check=False,
+    )
+    return result.returncode, target, source
+
+
+def test_vm_connect_sends_exec_then_service_connect(dom0: Dom0) -> None:
+    code, target, source = vm_connect(dom0)
+    assert code == 0
+    target.join()
+    source.join()
+    assert target.request == frame(
+        MsgType.EXEC_CMDLINE, struct.pack("<II", SRCID, 0) + b"user:QUBESRPC test.Echo+ vm5\0"
+    )
+    assert source.request == frame(
+        MsgType.SERVICE_CONNECT, struct.pack("<II", 2, 515) + REQ.encode().ljust(32, b"\0")
+    )
+    assert target.closed_by_client.is_set()
+
+
+def test_vm_connect_failure_exits_137(dom0: Dom0) -> None:
+    """No daemon for vm2 (not running; no autostart here)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qrexec.client.cli",
+            "-d",
+            "vm2",
+            "-c",
+            f"{REQ},vm5,{SRCID}",
+            "user:QUBESRPC test.Echo+ vm5",
+        ],
+        capture_output=True,
+        env=dom0.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 137
