@@ -342,3 +342,23 @@ def test_qrexec_client_connect_completes_a_pending_request(
     silent_policy.release()
     with pytest.raises(TimeoutError):
         control.read(3)
+
+
+def test_v2_fields_lose_their_last_byte(world: World) -> None:
+    """Spec §15.2, v2: byte 63 of the name and byte 31 of the target are forced to NUL;
+    a name field holding ``\\0a`` is empty and refused without policy."""
+    world.version = 2
+    control = world.start_vm1()
+    assert control.version == 2
+    name = b"test.Deny+" + b"a" * 54
+    payload = name + b"v" * 32 + ident(b"SOCKET1")
+    control.send_raw(struct.pack("<II", MsgType.TRIGGER_SERVICE, len(payload)) + payload)
+    expect_refused(control, ident(b"SOCKET1"))
+    (decision,) = world.vmcalls.audit()
+    assert (decision["service"], decision["argument"]) == ("test.Deny", "+" + "a" * 53)
+    assert decision["requested_target"] == "v" * 31
+    payload = b"\0a".ljust(64, b"\0") + b"vm2".ljust(32, b"\0") + ident(b"SOCKET2")
+    control.send_raw(struct.pack("<II", MsgType.TRIGGER_SERVICE, len(payload)) + payload)
+    expect_refused(control, ident(b"SOCKET2"))
+    assert len(world.vmcalls.audit()) == 1
+    assert not control.is_dropped(0.5)
