@@ -16,6 +16,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 from qrexec.backends.socket import SocketBackend, SocketStream
@@ -56,9 +57,19 @@ class FakeSourceDaemon:
         reply: bytes | None = None,
         *,
         close_after_reply: bool = False,
+        close_delay: float = 0.0,
     ) -> None:
         self.srcid = srcid
         self.close_after_reply = close_after_reply
+        self.close_delay = close_delay
+        #: time.monotonic() when the client connected, and when the connection ended.
+        self.accepted_at = 0.0
+        self.ended_at = 0.0
+        self.conn: socket.socket | None = None
+        #: Another fake daemon whose client connection is probed when ours connects.
+        self.watch: FakeSourceDaemon | None = None
+        #: Whether, when our client connected, the watched one's client had closed.
+        self.watched_was_closed: bool | None = None
         self.reply = (
             reply
             if reply is not None
@@ -84,21 +95,38 @@ class FakeSourceDaemon:
         with self._server:
             self._server.settimeout(60)
             conn, _ = self._server.accept()
+        self.accepted_at = time.monotonic()
+        self.conn = conn
+        if self.watch is not None:
+            self.watched_was_closed = self.watch.client_closed()
         with conn:
             conn.sendall(encode(Hello(3)))
             self.client_hello = self._recv_exactly(conn, 12)
             header = self._recv_exactly(conn, 8)
             (length,) = struct.unpack_from("<I", header, 4) if len(header) == 8 else (0,)
             self.request = header + self._recv_exactly(conn, length)
-            if not self.reply:
-                return
-            conn.sendall(self.reply)
-            if self.close_after_reply:
+            if self.reply:
+                conn.sendall(self.reply)
+            if not self.reply or self.close_after_reply:
+                time.sleep(self.close_delay)
+                self.ended_at = time.monotonic()
                 return
             with contextlib.suppress(OSError):
                 while conn.recv(4096):
                     pass
+            self.ended_at = time.monotonic()
             self.closed_by_client.set()
+
+    def client_closed(self) -> bool:
+        """Whether our client has closed its end (peeked, without consuming)."""
+        if self.conn is None:
+            return False
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def join(self, timeout: float = 30) -> None:
         self._thread.join(timeout)

@@ -594,6 +594,7 @@ def vm_connect(dom0: Dom0, *options: str) -> tuple[int, FakeSourceDaemon, FakeSo
         dom0.system.socket_dir, "vm2", encode(ExecParams(MsgType.EXEC_CMDLINE, 2, 515))
     )
     source = FakeSourceDaemon(dom0.system.socket_dir, SRCID, b"", close_after_reply=True)
+    source.watch = target
     result = subprocess.run(
         [
             sys.executable,
@@ -625,7 +626,49 @@ def test_vm_connect_sends_exec_then_service_connect(dom0: Dom0) -> None:
     assert source.request == frame(
         MsgType.SERVICE_CONNECT, struct.pack("<II", 2, 515) + REQ.encode().ljust(32, b"\0")
     )
-    assert target.closed_by_client.is_set()
+    # The target's socket is closed before the source's daemon is contacted.
+    assert source.watched_was_closed is True
+    assert target.closed_by_client.wait(10)
+
+
+def test_vm_connect_with_w_keeps_the_target_socket_until_its_end(dom0: Dom0) -> None:
+    target = FakeSourceDaemon(
+        dom0.system.socket_dir,
+        "vm2",
+        encode(ExecParams(MsgType.EXEC_CMDLINE, 2, 515)),
+        close_after_reply=True,
+        close_delay=1.0,
+    )
+    source = FakeSourceDaemon(dom0.system.socket_dir, SRCID, b"", close_after_reply=True)
+    source.watch = target
+    argv = [sys.executable, "-m", "qrexec.client.cli", "-W", "-d", "vm2", "-c"]
+    result = subprocess.run(
+        [*argv, f"{REQ},vm5,{SRCID}", "user:true"],
+        capture_output=True,
+        env=dom0.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    source.join()
+    assert source.request[:16] == struct.pack("<IIII", MsgType.SERVICE_CONNECT, 40, 2, 515)
+    # Kept open while the source was told, then waited for until the daemon ended it.
+    assert source.watched_was_closed is False
+
+
+def test_vm_connect_without_source_daemon_exits_137(dom0: Dom0) -> None:
+    FakeSourceDaemon(
+        dom0.system.socket_dir, "vm2", encode(ExecParams(MsgType.EXEC_CMDLINE, 2, 515))
+    )
+    argv = [sys.executable, "-m", "qrexec.client.cli", "-E", "-d", "vm2", "-c"]
+    result = subprocess.run(
+        [*argv, f"{REQ},vm5,{SRCID}", "user:true"],
+        capture_output=True,
+        env=dom0.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 137
 
 
 def test_vm_connect_failure_exits_137(dom0: Dom0) -> None:
