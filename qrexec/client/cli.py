@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         from qrexec.client.local_call import run_local_service
 
         sync()  # dom0-local services log through plain logging
-        code = run_local_service(args.cmdline, env)
-        return 0 if args.no_exit_code else code
+        # It returns only when nothing could be exec'd: 127/125 stand even with -E (R4.3).
+        return run_local_service(args.cmdline, env)
     from qrexec.client.remote_call import RemoteCall
     from qrexec.errors import QrexecError
 

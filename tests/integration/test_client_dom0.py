@@ -59,6 +59,14 @@ def test_local_service_errors(qrexec_system: QrexecSystem, services: Path) -> No
     assert not_default.returncode == 125
     shell = dom0_client(qrexec_system, services, "DEFAULT:echo not a service")
     assert (shell.returncode, shell.stdout) == (125, b"")
+    # Nothing was exec'd: the code stands under -E, as in R4.3.
+    for option_cmdline, code in (("DEFAULT:QUBESRPC no.Such vm1", 127), ("root:x", 125)):
+        result = qrexec_system.run(
+            [sys.executable, "-m", "qrexec.client.cli", "-E", "-d", "dom0", option_cmdline],
+            qrexec_system.env(0, {"QREXEC_SERVICE_PATH": str(services)}),
+            timeout=30,
+        )
+        assert result.returncode == code, option_cmdline
 
 
 def test_service_is_execd_in_place(qrexec_system: QrexecSystem, services: Path) -> None:
