@@ -690,3 +690,15 @@ def test_vm_connect_failure_exits_137(dom0: Dom0) -> None:
         check=False,
     )
     assert result.returncode == 137
+
+
+@pytest.mark.parametrize("options", [(), ("-E",)])
+def test_no_source_daemon_exits_125_even_with_e(dom0: Dom0, options: tuple[str, ...]) -> None:
+    result = subprocess.run(
+        dom0.argv("QUBESRPC test.Echo vm5", *options),
+        capture_output=True,
+        env=dom0.env(),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 125
