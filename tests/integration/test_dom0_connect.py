@@ -84,8 +84,10 @@ class Call:
 class Dom0:
     """dom0's service and rpc-config folders, and a way to run ``-d dom0 -c``."""
 
-    def __init__(self, system: QrexecSystem) -> None:
+    def __init__(self, system: QrexecSystem, program: list[str] | None = None) -> None:
         self.system = system
+        #: The qrexec-client to run (ours by default; the interop suite passes R4.3's).
+        self.program = program or [sys.executable, "-m", "qrexec.client.cli"]
         self.services = system.base / "dom0-rpc"
         self.configs = system.base / "dom0-rpc-config"
         self.services.mkdir()
@@ -114,9 +116,7 @@ class Dom0:
 
     def argv(self, command: str, *options: str, connect: str | None = None) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "qrexec.client.cli",
+            *self.program,
             "-d",
             "dom0",
             "-c",
