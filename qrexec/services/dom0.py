@@ -419,4 +419,6 @@ async def serve_dom0_call(
         prepared.discard()
         return Dom0CallResult(None)
     finally:
-        stream.close()
+        # Wait until what send() buffered has reached the VM: ``qrexec-client -d dom0 -c``
+        # ends its event loop right after, which would drop it.
+        await stream.aclose()

@@ -455,6 +455,7 @@ def test_input_the_service_does_not_take_yet_is_held(dom0: Dom0) -> None:
     sender.start()
     call.vm.read_all()
     sender.join(30)
+    # Every byte arrives, then STDOUT EOF and the code: nothing buffered is lost at exit.
     assert call.vm.messages() == reply(data, 0)
     assert call.finish()[0] == 0
 
