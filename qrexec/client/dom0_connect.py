@@ -9,7 +9,7 @@ does it:
    length or type) exits 125. The socket stays open, unused, until we exit;
 4. the rest - prepare and start the service, then vchan client of ``(SRCID, port)``
    within ``-w`` seconds (default 10, 0 = forever), HELLOs, STDERR EOF first, ``-p``
-   data as STDOUT, the data phase - is :func:`qrexec.agent.dom0_service.serve_dom0_call`,
+   data as STDOUT, the data phase - is :func:`qrexec.services.dom0.serve_dom0_call`,
    the code the daemon itself runs for VM → dom0 calls.
 
 Exit: the service's code (0 with ``-E``); a failure to prepare exits with its 127 or 125

@@ -2,7 +2,7 @@
 
 Upstream forks a child of qrexec-daemon that does what ``qrexec-client -d dom0 -c ... -w 5``
 does; here it is a task of the daemon running the same code
-(:func:`qrexec.agent.dom0_service.serve_dom0_call`), once SERVICE_CONNECT ``{0, port}``
+(:func:`qrexec.services.dom0.serve_dom0_call`), once SERVICE_CONNECT ``{0, port}``
 has gone to the VM's agent: the command ``QUBESRPC SERVICE+ARG SOURCE TYPE TARGET`` (TYPE
 ``name`` or ``keyword``, TARGET the requested target without ``@``) is prepared on dom0's
 own service path (``QREXEC_SERVICE_PATH`` inside ``QREXEC_DOMAIN_ROOT``) - rpc-config,
