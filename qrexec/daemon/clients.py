@@ -20,10 +20,10 @@ from the client after its message is logged as unexpected and the client dropped
 
 Limits: at most ``max_clients`` clients holding a request, and at most
 :data:`MAX_IDLE_CLIENTS` (or ``max_clients`` if lower) that have not sent theirs yet, the
-oldest of which is dropped for a newcomer (:mod:`qrexec.listening`); a message whose payload would take the bytes
-buffered from clients past ``max_buffered`` is refused (client dropped); no free port is a
-clean refusal too. A client that does not finish its handshake and message within
-:data:`CLIENT_REQUEST_TIMEOUT` is dropped.
+oldest of which is dropped for a newcomer (:mod:`qrexec.listening`); a message whose
+payload would take the bytes buffered from clients past ``max_buffered`` is refused
+(client dropped); no free port is a clean refusal too. A client that does not finish its
+handshake and message within :data:`CLIENT_REQUEST_TIMEOUT` is dropped.
 """
 
 from __future__ import annotations

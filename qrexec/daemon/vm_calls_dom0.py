@@ -8,7 +8,7 @@ the same steps once SERVICE_CONNECT ``{0, port}`` has gone to the VM's agent:
    (``QREXEC_SERVICE_PATH`` inside ``QREXEC_DOMAIN_ROOT``, as for agents and
    ``qrexec-client -d dom0``), with its rpc-config;
 2. connect as vchan client of ``(VM, port)`` within :data:`DOM0_CONNECT_TIMEOUT` (5 s);
-3. read the VM's HELLO first, then send ours;
+3. read the VM's HELLO first (within :data:`DOM0_HELLO_TIMEOUT`), then send ours;
 4. run the service as the daemon's own user, with ``QREXEC_REQUESTED_TARGET_TYPE`` and
    ``QREXEC_REQUESTED_TARGET`` / ``QREXEC_REQUESTED_TARGET_KEYWORD`` set. Its stderr is
    **not** forwarded: it goes to the daemon's log (our stderr), and STDERR EOF goes out
@@ -22,11 +22,12 @@ the same steps once SERVICE_CONNECT ``{0, port}`` has gone to the VM's agent:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pwd
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from qrexec.backends.base import Backend
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound, TransportError
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The daemon's child waits this long for the VM's data vchan server (spec §3.5).
 DOM0_CONNECT_TIMEOUT = 5.0
+#: ... and this long for the VM's HELLO on it (a handshake step, docs/decisions.md).
+DOM0_HELLO_TIMEOUT = 5.0
 
 
 async def run_dom0_service(
@@ -53,8 +56,15 @@ async def run_dom0_service(
     command: str,
     env: Mapping[str, str],
     own_version: int,
+    *,
+    hello_timeout: float = DOM0_HELLO_TIMEOUT,
+    on_data_phase: Callable[[], None] | None = None,
 ) -> int | None:
-    """Serve one VM → dom0 call on ``(vm_domid, port)``; the exit code sent, or None."""
+    """Serve one VM → dom0 call on ``(vm_domid, port)``; the exit code sent, or None.
+
+    Connecting and the HELLO exchange have deadlines; once both HELLOs are through (the
+    data phase, announced by ``on_data_phase``) nothing is timed any more.
+    """
     try:
         call: RpcCall | None = parse_rpc_command(command)
     except ProtocolError as exc:
@@ -66,9 +76,18 @@ async def run_dom0_service(
         log.warning("domain %d did not serve data port %d: %s", vm_domid, port, exc)
         return None
     try:
-        peer = await relay.read_hello(stream)
+        try:
+            async with asyncio.timeout(hello_timeout):
+                peer = await relay.read_hello(stream)
+        except TimeoutError:
+            log.warning(
+                "domain %d sent no HELLO on data port %d within %g s", vm_domid, port, hello_timeout
+            )
+            return None
         version = negotiate(own_version, peer)
         await stream.send(encode(Hello(version)))
+        if on_data_phase is not None:
+            on_data_phase()
         channel = relay.DataChannel(stream, version)
         if call is None:
             await channel.finish_early(ExitCode.PROBLEM)
