@@ -294,5 +294,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
     try:
         await waiter
     finally:
-        with contextlib.suppress(ValueError, OSError):
+        # After GuardedServer.close() the number may already belong to another file,
+        # whose reader must stay (close() removed ours before closing the socket).
+        if sock.fileno() == fd:
             loop.remove_reader(fd)
