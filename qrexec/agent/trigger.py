@@ -41,7 +41,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from qrexec.errors import InvalidField, ProtocolError
-from qrexec.listening import GuardedServer, listen_backlog, request_complete
+from qrexec.listening import (
+    GuardedServer,
+    RateLimitedWarning,
+    listen_backlog,
+    request_complete,
+)
 from qrexec.protocol.constants import HEADER_SIZE, IDENT_SIZE, MAX_PROTOCOL_VERSION, MsgType
 from qrexec.protocol.fields import Trigger, convert_trigger, fixed_field_value
 from qrexec.protocol.framing import check_header
@@ -137,6 +142,8 @@ class TriggerSocket:
         env = agent.settings.env
         self.read_timeout = _env_positive(env, ENV_READ_TIMEOUT, TRIGGER_READ_TIMEOUT)
         self.max_idle = int(_env_positive(env, ENV_MAX_IDLE, MAX_IDLE_CLIENTS))
+        #: Any user of the VM can open clients that say nothing: one line per minute.
+        self._bad_client = RateLimitedWarning(log)
 
     async def start(self) -> None:
         parent = os.path.dirname(self.path)
@@ -220,7 +227,9 @@ class TriggerSocket:
                 async with asyncio.timeout(self.read_timeout):
                     message = await self._read_trigger(reader)
             except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
-                log.warning("dropping a trigger-socket client: %s", exc or "no trigger in time")
+                self._bad_client.warning(
+                    "dropping a trigger-socket client: %s", exc or "no trigger in time"
+                )
                 return
             request_complete()
             await self._forward_and_wait(ident, message, reader, writer)

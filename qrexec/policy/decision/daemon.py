@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from qrexec.errors import RemoteProtocolError
-from qrexec.listening import GuardedServer, request_complete
+from qrexec.listening import GuardedServer, RateLimitedWarning, request_complete
 from qrexec.policy.decision.decide import Decider
 from qrexec.policy.decision.decider_setup import add_decider_arguments, build_decider
 from qrexec.policy.decision.eval_services import EvalService
@@ -83,6 +83,8 @@ class PolicyServer:
         self.query_timeout = query_timeout
         self.served = 0
         self.refused = 0
+        #: A flood of bad or silent clients is logged once a minute, not per client.
+        self._bad_query = RateLimitedWarning(log)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -92,7 +94,7 @@ class PolicyServer:
             except (RemoteProtocolError, TimeoutError, ConnectionError) as exc:
                 self.refused += 1
                 why = str(exc) or f"no complete query within {self.query_timeout:g} s"
-                log.warning("malformed policy query, connection closed: %s", why)
+                self._bad_query.warning("malformed policy query, connection closed: %s", why)
                 return
             request_complete()
             response = await self.decider.decide(query, channel="policy.sock")
