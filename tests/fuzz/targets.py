@@ -22,7 +22,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qrexec.agent.rpc_config import parse_rpc_config
 from qrexec.errors import (
     InvalidField,
     LocalProtocolError,
@@ -31,9 +30,9 @@ from qrexec.errors import (
     RemoteProtocolError,
     ServiceError,
 )
-from qrexec.policy.parser import parse_policy_text
-from qrexec.policy.socket_service import parse_descriptor
-from qrexec.policy.wire import QueryDecoder, parse_query, parse_response
+from qrexec.policy.decision.socket_service import parse_descriptor
+from qrexec.policy.decision.wire import QueryDecoder, parse_query, parse_response
+from qrexec.policy.engine.parser import parse_policy_text
 from qrexec.protocol.cmdline import (
     decode_cmdline,
     is_rpc_command,
@@ -52,6 +51,7 @@ from qrexec.protocol.messages import (
     decode_payload,
     encode,
 )
+from qrexec.services.rpc_config import parse_rpc_config
 from qrexec.sim import filecopy
 from qrexec.sim.qubesd import AdminError, parse_request
 

@@ -80,11 +80,14 @@ class HostileVm:
         """``count`` allowed dom0 calls whose data vchan connects but never says HELLO."""
         for i in range(count):
             control.send_raw(trigger4(f"SOCKET{i}".encode()))
+        # Listen on every port first, then accept: the daemon gives each vchan 5 s.
+        listeners = []
         for _ in range(count):
             reply = control.read(60)
             assert isinstance(reply, ServiceConnect), reply
             assert reply.connect_domain == 0
-            listener = self.data.listen(0, reply.connect_port)
+            listeners.append(self.data.listen(0, reply.connect_port))
+        for listener in listeners:
             try:
                 self.held.append(listener.accept(30))
             finally:

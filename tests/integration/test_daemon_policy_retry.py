@@ -12,7 +12,7 @@ import pytest
 
 from qrexec.daemon import policy_query
 from qrexec.daemon.policy_query import PolicySettings, PolicyUnavailable, ask_policy_daemon
-from qrexec.policy.wire import PolicyQuery, PolicyResponse
+from qrexec.policy.decision.wire import PolicyQuery, PolicyResponse
 
 QUERY = PolicyQuery(source="vm1", intended_target="vm2", service_and_arg="test.Echo+")
 ANSWER = PolicyResponse(result="deny")
