@@ -24,7 +24,10 @@ the answer arrives, so an ident is never reused while dom0 may still answer it; 
 SERVICE_CONNECT for it is terminated at once. When the control connection drops, every
 waiting client is refused. A malformed trigger, or none within
 :data:`TRIGGER_READ_TIMEOUT`, closes that client only; more than :data:`MAX_WAITING`
-waiting clients are refused at once.
+waiting clients are refused at once. At most :data:`MAX_IDLE_CLIENTS` clients may be
+connected without having sent their trigger; beyond that the oldest is dropped, and running
+out of descriptors pauses accepting (:mod:`qrexec.listening`); bad clients are logged once
+a minute, not once each.
 
 asyncio only; the control channel itself is :mod:`.control`'s.
 """

@@ -4,9 +4,11 @@ Protocol: spec §6.1 (:mod:`qrexec.policy.decision.wire`). One query per connect
 written and the connection closed. Many connections are served at once (an ``ask`` waiting
 for the user does not hold up anyone else). A malformed query — unknown, duplicate or
 missing key, garbage, NUL, oversize, or a client that goes away or stalls before the empty
-line — is logged with its reason and the connection closed without an answer; the daemon
-keeps serving. It also serves policy.EvalSimple and policy.EvalGUI (spec §6.4) on their
-own sockets. Policy edits are picked up by the next request (:mod:`qrexec.policy.loading.reload`).
+line — is logged with its reason (once a minute for a flood) and the connection closed
+without an answer; the daemon keeps serving. At most 256 connections per socket may be
+waiting for their request; beyond that the oldest is dropped (:mod:`qrexec.listening`).
+It also serves policy.EvalSimple and policy.EvalGUI (spec §6.4) on their own sockets.
+Policy edits are picked up by the next request (:mod:`qrexec.policy.loading.reload`).
 
 Usage::
 
