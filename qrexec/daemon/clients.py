@@ -24,10 +24,12 @@ The client is then kept until CONNECTION_TERMINATED for that (domain, port) arri
 the agent, and its socket is closed then (what ``qrexec-client -W`` waits for). A byte
 from the client after its message is logged as unexpected and the client dropped.
 
-Limits: at most ``max_clients`` clients; a message whose payload would take the bytes
-buffered from clients past ``max_buffered`` is refused (client dropped); no free port is a
-clean refusal too. A client that does not finish its handshake and message within
-:data:`CLIENT_REQUEST_TIMEOUT` is dropped.
+Limits: at most ``max_clients`` clients holding a request, and at most
+:data:`MAX_IDLE_CLIENTS` (or ``max_clients`` if lower) that have not sent theirs yet, the
+oldest of which is dropped for a newcomer (:mod:`qrexec.listening`); a message whose
+payload would take the bytes buffered from clients past ``max_buffered`` is refused
+(client dropped); no free port is a clean refusal too. A client that does not finish its
+handshake and message within :data:`CLIENT_REQUEST_TIMEOUT` is dropped.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from qrexec.daemon.config import DaemonConfig
 from qrexec.daemon.pending import PendingRequests
 from qrexec.daemon.ports import PortAllocator, is_data_port
 from qrexec.errors import ProtocolError, RemoteProtocolError
+from qrexec.listening import GuardedServer, listen_backlog, request_complete, restrict_socket
 from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
 from qrexec.protocol.constants import (
     CLIENT_SOCKET_PROTOCOL_VERSION,
@@ -88,14 +91,17 @@ class AgentLink(Protocol):
 log = logging.getLogger(__name__)
 
 CLIENT_REQUEST_TIMEOUT = 60.0
+#: Most clients that have not sent their request yet; the oldest is dropped beyond it.
+MAX_IDLE_CLIENTS = 64
 CLIENT_MESSAGE_TYPES = frozenset({MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT})
 
 
 def bind_unix(path: str) -> socket.socket:
     """A listening unix socket at ``path``, even past the sockaddr_un length limit.
 
-    It is bound under a temporary name and renamed into place once listening, so a
-    client that sees the file never gets "connection refused".
+    It is bound under a temporary name, given mode 0660 (group ``qubes`` when that group
+    exists) whatever the umask, and renamed into place once listening, so a client that
+    sees the file never gets "connection refused" nor a socket with the wrong mode.
     """
     folder, name = os.path.split(path)
     temporary = f".{name}.{os.getpid()}"
@@ -107,7 +113,8 @@ def bind_unix(path: str) -> socket.socket:
                 os.unlink(temporary, dir_fd=folder_fd)
             with unix_address(os.path.join(folder, temporary)) as address:
                 sock.bind(address)
-            sock.listen(64)
+            restrict_socket(temporary, dir_fd=folder_fd)
+            sock.listen(listen_backlog())
             os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         finally:
             os.close(folder_fd)
@@ -141,7 +148,7 @@ class ClientServer:
 
     def __init__(self, daemon: AgentLink) -> None:
         self.daemon = daemon
-        self._server: asyncio.AbstractServer | None = None
+        self._server: GuardedServer | None = None
         self._clients: set[Client] = set()
         self._waiting: dict[tuple[int, int], set[Client]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,9 +170,13 @@ class ClientServer:
     async def start(self) -> None:
         os.makedirs(self.daemon.config.socket_dir, exist_ok=True)
         self._remove_files()
-        self._server = await asyncio.start_unix_server(
-            self._serve_client, sock=bind_unix(self.socket_path)
+        self._server = GuardedServer(
+            bind_unix(self.socket_path),
+            self._serve_client,
+            what=f"client socket of {self.daemon.config.name}",
+            max_idle=min(MAX_IDLE_CLIENTS, self.daemon.config.max_clients),
         )
+        self._server.start()
         target = os.path.basename(self.socket_path)
         for link in self.link_paths():
             os.symlink(target, link)
@@ -207,16 +218,15 @@ class ClientServer:
         client = Client(reader, writer)
         task = asyncio.current_task()
         config = self.daemon.config
-        if len(self._clients) >= config.max_clients:
-            log.warning("refusing a client: %d clients already connected", len(self._clients))
-            client.close()
-            return
-        self._clients.add(client)
         if task is not None:
             self._tasks.add(task)
         try:
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT):
                 message = await self._handshake_and_read(client)
+            request_complete()
+            if len(self._clients) >= config.max_clients:
+                raise ClientRefused(f"{len(self._clients)} clients already hold a request")
+            self._clients.add(client)
             await self._handle(client, message)
             await self._hold(client)
         except (ClientRefused, ProtocolError) as exc:

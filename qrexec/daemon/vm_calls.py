@@ -93,6 +93,9 @@ class VmCall:
     request: TriggerRequest
     entry: PendingRequest
     generation: int
+    #: True once the call reached its data phase (the VM was told where to connect and,
+    #: for dom0 calls, both HELLOs are through): losing the agent no longer cancels it.
+    streaming: bool = False
 
 
 class VmCalls:
@@ -103,11 +106,31 @@ class VmCalls:
         config = daemon.config
         self.policy = PolicySettings(config.policy_socket, config.policy_program)
         self.env = dict(os.environ)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Running calls (a task per request) and their state.
+        self._tasks: dict[asyncio.Task[None], VmCall] = {}
 
     def install(self) -> None:
         for kind in (MsgType.TRIGGER_SERVICE, MsgType.TRIGGER_SERVICE3, MsgType.TRIGGER_SERVICE4):
             self.daemon.register_handler(kind, self.on_trigger)
+        self.daemon.on_agent_lost.append(self.agent_lost)
+
+    def agent_lost(self) -> None:
+        """Cancel every call that has not reached its data phase (docs/decisions.md).
+
+        Nobody is left to answer: the pending requests are gone with the connection. A
+        cancelled call closes its vchan and frees its buffers; streaming calls finish.
+        """
+        cancelled = 0
+        for task, call in list(self._tasks.items()):
+            if not call.streaming and not task.done():
+                task.cancel()
+                cancelled += 1
+        if cancelled:
+            log.info(
+                "agent of %s gone: cancelled %d call(s) still in their handshake",
+                self.daemon.config.name,
+                cancelled,
+            )
 
     # ---- the agent's trigger ----
 
@@ -138,8 +161,11 @@ class VmCalls:
         call = VmCall(request, entry, daemon.generation)
         entry.details = call
         task = asyncio.ensure_future(self.run(call))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = call
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     # ---- answering the agent ----
 
@@ -254,6 +280,7 @@ class VmCalls:
                 )
                 if not await self.connect(call, domain, port):
                     return
+                call.streaming = True
                 if disposable is not None:
                     await daemon.wait_closed()
             finally:
@@ -317,6 +344,10 @@ class VmCalls:
             daemon.ports.release(0, port)
             return
         log.info("%s: %s -> dom0 (port %d): %s", call.request.ident, source, port, command)
+
+        def streaming() -> None:
+            call.streaming = True
+
         code = await run_dom0_service(
             daemon.backend,
             daemon.config.domid,
@@ -325,6 +356,8 @@ class VmCalls:
             self.env,
             daemon.config.own_version,
             daemon.config.name,
+            hello_timeout=daemon.config.handshake_timeout,
+            on_data_phase=streaming,
         )
         log.info("dom0 call %s on port %d finished: %s", call.request.ident, port, code)
 

@@ -10,13 +10,14 @@ own service path (``QREXEC_SERVICE_PATH`` inside ``QREXEC_DOMAIN_ROOT``) - rpc-c
 daemon connect as vchan client of ``(VM, port)`` within :data:`DOM0_CONNECT_TIMEOUT`.
 The service's stderr goes to the daemon's log, STDERR EOF goes out first; a service that
 cannot be prepared answers STDERR EOF, STDOUT EOF and 127 or 125. Like upstream's child,
-the daemon does not pass the service's code on anywhere (it is logged).
+the daemon does not pass the service's code on anywhere (it is logged). The VM's HELLO
+has a deadline (:data:`DOM0_HELLO_TIMEOUT`, a handshake step); the data phase has none.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from qrexec.backends.base import Backend
 from qrexec.services.dom0 import serve_dom0_call
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: The daemon's child waits this long for the VM's data vchan server (spec §3.5).
 DOM0_CONNECT_TIMEOUT = 5.0
+#: ... and this long for the VM's HELLO on it (a handshake step, docs/decisions.md).
+DOM0_HELLO_TIMEOUT = 5.0
 
 
 async def run_dom0_service(
@@ -35,8 +38,15 @@ async def run_dom0_service(
     env: Mapping[str, str],
     own_version: int,
     source_name: str,
+    *,
+    hello_timeout: float = DOM0_HELLO_TIMEOUT,
+    on_data_phase: Callable[[], None] | None = None,
 ) -> int | None:
-    """Serve one VM → dom0 call on ``(vm_domid, port)``; its exit code, or None."""
+    """Serve one VM → dom0 call on ``(vm_domid, port)``; its exit code, or None.
+
+    Connecting and the VM's HELLO have deadlines; once both HELLOs are through (the data
+    phase, announced by ``on_data_phase``) nothing is timed any more.
+    """
     result = await serve_dom0_call(
         backend,
         vm_domid,
@@ -46,5 +56,7 @@ async def run_dom0_service(
         own_version,
         source_name=source_name,
         connect_timeout=DOM0_CONNECT_TIMEOUT,
+        hello_timeout=hello_timeout,
+        on_data_phase=on_data_phase,
     )
     return result.code

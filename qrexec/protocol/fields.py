@@ -33,6 +33,8 @@ from typing import Final
 from qrexec.errors import InvalidField
 from qrexec.protocol.constants import (
     IDENT_SIZE,
+    MAX_DOMAIN_ID,
+    MAX_VCHAN_PORT,
     PROTOCOL_V3,
     PROTOCOL_V4,
     V2_SERVICE_NAME_SIZE,
@@ -56,6 +58,20 @@ DOMAIN_NAME_CHARS: Final = frozenset(_ALNUM + b"_.-@:")
 SERVICE_NAME_CHARS: Final = frozenset(_ALNUM + b"_.-+")
 
 Trigger = TriggerService | TriggerService3 | TriggerService4
+
+
+def validate_connect_params(domain: int, port: int) -> tuple[int, int]:
+    """Range-check the ``{domain, port}`` of EXEC_CMDLINE / JUST_EXEC / SERVICE_CONNECT.
+
+    The wire carries two uint32; only 0..MAX_DOMAIN_ID and 0..MAX_VCHAN_PORT can name a
+    vchan. Checked where the message is decoded, so that a transport never sees (and
+    never raises about) a value no domain can have.
+    """
+    if not 0 <= domain <= MAX_DOMAIN_ID:
+        raise InvalidField("domain id", f"{domain} is outside 0..{MAX_DOMAIN_ID}")
+    if not 0 <= port <= MAX_VCHAN_PORT:
+        raise InvalidField("vchan port", f"{port} is outside 0..{MAX_VCHAN_PORT}")
+    return domain, port
 
 
 def _translation(keep: frozenset[int]) -> bytes:

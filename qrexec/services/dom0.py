@@ -45,7 +45,7 @@ import errno
 import logging
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from qrexec.backends.base import Backend
@@ -377,6 +377,8 @@ async def serve_dom0_call(
     source_name: str,
     connect_timeout: float | None,
     prefix_data: bytes = b"",
+    hello_timeout: float | None = None,
+    on_data_phase: Callable[[], None] | None = None,
 ) -> Dom0CallResult:
     """The whole dom0 side of one call (module docstring); never raises for the call's
     or the peer's problems (they are logged)."""
@@ -387,10 +389,25 @@ async def serve_dom0_call(
         log.error("domain %d did not serve data port %d: %s", vm_domid, port, exc)
         prepared.discard()
         return Dom0CallResult(None)
+    except asyncio.CancelledError:
+        # The VM's control channel went away before the data phase (docs/decisions.md,
+        # "Resource bounds"): the started service sees EOF and is reaped.
+        prepared.discard()
+        raise
     try:
-        peer = await service_io.read_hello(stream)
+        try:
+            async with asyncio.timeout(hello_timeout):
+                peer = await service_io.read_hello(stream)
+        except TimeoutError:
+            log.warning(
+                "domain %d sent no HELLO on data port %d within %g s", vm_domid, port, hello_timeout
+            )
+            prepared.discard()
+            return Dom0CallResult(None)
         version = negotiate(own_version, peer)
         await stream.send(encode(Hello(own_version)))
+        if on_data_phase is not None:
+            on_data_phase()
         channel = service_io.DataChannel(stream, version)
         await channel.send_eof(MsgType.DATA_STDERR)
         if prepared.failure is not None:
@@ -418,6 +435,9 @@ async def serve_dom0_call(
         log.warning("dom0 call from domain %d port %d ended: %s", vm_domid, port, exc)
         prepared.discard()
         return Dom0CallResult(None)
+    except asyncio.CancelledError:
+        prepared.discard()
+        raise
     finally:
         # Wait until what send() buffered has reached the VM: ``qrexec-client -d dom0 -c``
         # ends its event loop right after, which would drop it.
