@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qrexec.backends.base import AsyncStream, Backend
@@ -56,7 +56,8 @@ from qrexec.services.users import DEFAULT_PAM_SERVICE, resolve_user
 
 log = logging.getLogger(__name__)
 
-#: The agent waits this long for the caller's data vchan server (spec §3.5).
+#: The agent waits this long for the caller's data vchan server (spec §3.5), and as long
+#: again for its HELLO (a handshake step; the data phase after it has no deadline).
 DATA_CONNECT_TIMEOUT = 120.0
 WAIT_FOR_SESSION_SERVICE = "qubes.WaitForSession"
 
@@ -105,8 +106,14 @@ class CallRunner:
         #: Only one qubes.WaitForSession runs at a time (spec §7).
         self._session_lock = asyncio.Lock()
 
-    async def run(self, request: ExecRequest) -> None:
-        """Run one call; never raises except on cancellation."""
+    async def run(
+        self, request: ExecRequest, *, on_data_phase: Callable[[], None] | None = None
+    ) -> None:
+        """Run one call; never raises except on cancellation.
+
+        ``on_data_phase`` is called once both HELLOs are through: from then on the call
+        runs to its end even if the control connection goes away.
+        """
         where = f"domain {request.connect_domain} port {request.connect_port}"
         prepared = await self.prepare(request.command)
         if prepared.error is not None:
@@ -121,7 +128,7 @@ class CallRunner:
             log.warning("cannot connect the data vchan to %s: %s", where, exc)
             return
         try:
-            await self._serve(stream, request, prepared)
+            await self._serve(stream, request, prepared, on_data_phase)
         except (ProtocolError, TransportError, OSError) as exc:
             log.warning("call on %s ended: %s", where, exc)
         finally:
@@ -208,9 +215,20 @@ class CallRunner:
             log.info("%s for %s exited with %d", WAIT_FOR_SESSION_SERVICE, user, code)
 
     async def _serve(
-        self, stream: AsyncStream, request: ExecRequest, prepared: PreparedCall
+        self,
+        stream: AsyncStream,
+        request: ExecRequest,
+        prepared: PreparedCall,
+        on_data_phase: Callable[[], None] | None = None,
     ) -> None:
-        version = await relay.handshake(stream, self.settings.own_version)
+        timeout = self.settings.data_connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                version = await relay.handshake(stream, self.settings.own_version)
+        except TimeoutError:
+            raise TransportError(f"no HELLO on the data vchan within {timeout:g} s") from None
+        if on_data_phase is not None:
+            on_data_phase()
         channel = relay.DataChannel(stream, version)
         if prepared.error is not None:
             if request.msg_type is MsgType.JUST_EXEC:

@@ -32,7 +32,8 @@ from typing import Any
 
 from qrexec.agent.calls import AgentSettings, CallRunner
 from qrexec.backends.base import AsyncStream, Backend
-from qrexec.errors import ProtocolError, RemoteProtocolError, TransportError
+from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError, TransportError
+from qrexec.listening import RateLimitedWarning
 from qrexec.protocol.constants import (
     HEADER_SIZE,
     IDENT_SIZE,
@@ -41,6 +42,7 @@ from qrexec.protocol.constants import (
     VCHAN_CONTROL_RING_SIZE,
     MsgType,
 )
+from qrexec.protocol.fields import validate_connect_params
 from qrexec.protocol.messages import (
     EXEC_PARAMS,
     HEADER,
@@ -61,6 +63,13 @@ DAEMON_MESSAGE_TYPES = frozenset(
     {MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT, MsgType.SERVICE_REFUSED}
 )
 CONTROL_RECV_SIZE = 65536
+#: dom0's daemon must answer our HELLO this soon (the agent's handshake deadline).
+CONTROL_HELLO_TIMEOUT = 120.0
+#: Most calls per peer domain that have not reached their data phase (connecting to the
+#: caller's vchan, HELLO). dom0 hands out at most 256 ports per VM, so 256 never refuses
+#: an honest call; a hostile dom0 cannot pile up more connect loops than this.
+MAX_PENDING_PER_DOMAIN = 256
+
 #: Largest payload we take from the daemon (its client messages are capped the same way).
 MAX_CONTROL_PAYLOAD = MAX_CMDLINE_LEN
 #: Exit status of an agent whose daemon broke the control protocol.
@@ -131,6 +140,10 @@ class Agent:
         self._stream: AsyncStream | None = None
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Calls not yet in their data phase: task -> peer domain.
+        self._pending_calls: dict[asyncio.Task[None], int] = {}
+        self._pending_per_domain: dict[int, int] = {}
+        self._refused_warning = RateLimitedWarning(log)
         self._notified = False
         #: Callbacks run when the daemon connection ends (VM-call code refuses its waiters).
         self.on_disconnect: list[Callable[[], None]] = []
@@ -194,12 +207,17 @@ class Agent:
                 self.version = None
                 self.connected.clear()
                 stream.close()
+                self._cancel_pending_calls()
                 for callback in self.on_disconnect:
                     callback()
             log.info("dom0 daemon disconnected; waiting for it again")
 
     async def _serve_connection(self, stream: AsyncStream) -> None:
-        version = await handshake(stream, self.settings.own_version)
+        try:
+            async with asyncio.timeout(CONTROL_HELLO_TIMEOUT):
+                version = await handshake(stream, self.settings.own_version)
+        except TimeoutError:
+            raise TransportError(f"no HELLO from dom0 within {CONTROL_HELLO_TIMEOUT:g} s") from None
         self.generation += 1
         self.version = version
         self._stream = stream
@@ -231,11 +249,55 @@ class Agent:
     async def _start_call(self, message: Message) -> None:
         if not isinstance(message, ExecRequest):
             raise ProtocolError(f"{message.msg_type.name} without a command line")
-        self.spawn(self._run_call(message, self.generation))
+        domain, port = message.connect_domain, message.connect_port
+        try:
+            validate_connect_params(domain, port)
+        except InvalidField as exc:
+            log.warning("refusing %s: %s", message.msg_type.name, exc)
+            await self.send_control(ConnectionTerminated(domain, port))
+            return
+        if self._pending_per_domain.get(domain, 0) >= MAX_PENDING_PER_DOMAIN:
+            self._refused_warning.warning(
+                "refusing calls for domain %d: %d already wait for their data vchan",
+                domain,
+                MAX_PENDING_PER_DOMAIN,
+            )
+            await self.send_control(ConnectionTerminated(domain, port))
+            return
+        generation = self.generation
+        task = self.spawn(self._run_call(message, generation))
+        self._pending_calls[task] = domain
+        self._pending_per_domain[domain] = self._pending_per_domain.get(domain, 0) + 1
+        task.add_done_callback(self._data_phase)
+
+    def _data_phase(self, task: asyncio.Task[None]) -> None:
+        """``task`` reached its data phase (or ended): it no longer counts as pending."""
+        domain = self._pending_calls.pop(task, None)
+        if domain is None:
+            return
+        left = self._pending_per_domain[domain] - 1
+        if left:
+            self._pending_per_domain[domain] = left
+        else:
+            del self._pending_per_domain[domain]
+
+    def _cancel_pending_calls(self) -> None:
+        """The control connection is gone: calls still connecting or in HELLO end now."""
+        tasks = list(self._pending_calls)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            log.info("dom0 went away: cancelled %d call(s) before their data phase", len(tasks))
 
     async def _run_call(self, request: ExecRequest, generation: int) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def streaming() -> None:
+            self._data_phase(task)
+
         try:
-            await self.runner.run(request)
+            await self.runner.run(request, on_data_phase=streaming)
         finally:
             await self.send_control(
                 ConnectionTerminated(request.connect_domain, request.connect_port), generation

@@ -27,9 +27,12 @@ dom0 answers on the control channel with the ident:
 A client that goes away before the answer keeps its descriptor (and so its ident) until
 the answer arrives, so an ident is never reused while dom0 may still answer it; a late
 SERVICE_CONNECT for it is terminated at once. When the control connection drops, every
-waiting client is refused. A trigger not received whole within
-:data:`TRIGGER_READ_TIMEOUT` closes that client only; more than :data:`MAX_WAITING`
-waiting clients are refused at once.
+waiting client is refused. A malformed trigger, or none within
+:data:`TRIGGER_READ_TIMEOUT`, closes that client only; more than :data:`MAX_WAITING`
+waiting clients are refused at once. At most :data:`MAX_IDLE_CLIENTS` clients may be
+connected without having sent their trigger; beyond that the oldest is dropped, and running
+out of descriptors pauses accepting (:mod:`qrexec.listening`); bad clients are logged once
+a minute, not once each.
 
 asyncio only; the control channel itself is :mod:`.control`'s.
 """
@@ -43,9 +46,16 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from qrexec.errors import InvalidField, QrexecError
+from qrexec.errors import InvalidField, ProtocolError, QrexecError
+from qrexec.listening import (
+    GuardedServer,
+    RateLimitedWarning,
+    listen_backlog,
+    request_complete,
+)
 from qrexec.protocol.constants import (
     HEADER_SIZE,
     IDENT_SIZE,
@@ -84,6 +94,12 @@ MAX_TRIGGER_PAYLOAD = NAME_OFFSET + MAX_SERVICE_NAME_LEN
 TRIGGER_READ_TIMEOUT = 10.0
 #: Most clients waiting for dom0's answer at once (dom0 keeps at most 256 pending).
 MAX_WAITING = 512
+#: Most connected clients that have not sent their whole trigger yet; the oldest is
+#: dropped beyond it (any user of the VM may connect, see :mod:`qrexec.listening`).
+MAX_IDLE_CLIENTS = 256
+#: Environment overrides of the two limits above (tests; odd deployments).
+ENV_READ_TIMEOUT = "QREXEC_AGENT_TRIGGER_TIMEOUT"
+ENV_MAX_IDLE = "QREXEC_AGENT_MAX_IDLE_CLIENTS"
 IDENT_PREFIX = "SOCKET"
 #: Where upstream's agent listens (spec §1).
 DEFAULT_AGENT_SOCKET = "/var/run/qubes/qrexec-agent"
@@ -120,7 +136,7 @@ def bind_unix(path: str) -> socket.socket:
             sock.bind(address)
         # Any user of the VM may call qrexec-client-vm (upstream creates it 0666).
         os.chmod(path, 0o666)
-        sock.listen(128)
+        sock.listen(listen_backlog())
     except BaseException:
         sock.close()
         raise
@@ -192,7 +208,12 @@ class TriggerSocket:
         self.path = path
         #: The agent's registry of clients waiting for dom0, by ident (Waiter values).
         self.waiting: dict[str, Waiter] = agent.client_requests
-        self._server: asyncio.AbstractServer | None = None
+        self._server: GuardedServer | None = None
+        env = agent.settings.env
+        self.read_timeout = _env_positive(env, ENV_READ_TIMEOUT, TRIGGER_READ_TIMEOUT)
+        self.max_idle = int(_env_positive(env, ENV_MAX_IDLE, MAX_IDLE_CLIENTS))
+        #: Any user of the VM can open clients that say nothing: one line per minute.
+        self._bad_client = RateLimitedWarning(log)
 
     async def start(self) -> None:
         parent = os.path.dirname(self.path)
@@ -200,7 +221,13 @@ class TriggerSocket:
         # explicitly configured socket (an emulated domain's root) gets its folder made.
         if parent and self.path != DEFAULT_AGENT_SOCKET:
             os.makedirs(parent, exist_ok=True)
-        self._server = await asyncio.start_unix_server(self._serve, sock=bind_unix(self.path))
+        self._server = GuardedServer(
+            bind_unix(self.path),
+            self._serve,
+            what=f"trigger socket {self.path}",
+            max_idle=self.max_idle,
+        )
+        self._server.start()
         # As upstream: any user of the VM may run qrexec-client-vm.
         os.chmod(self.path, 0o666)
         self.agent.register_handler(MsgType.SERVICE_CONNECT, self._on_service_connect)
@@ -264,11 +291,20 @@ class TriggerSocket:
                 log.warning("refusing a call: %d requests already wait for dom0", MAX_WAITING)
                 return
             try:
-                async with asyncio.timeout(TRIGGER_READ_TIMEOUT):
+                async with asyncio.timeout(self.read_timeout):
                     payload = await self._read_trigger(reader)
-            except (TriggerRejected, asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
-                log.warning("dropping a trigger-socket client: %s", exc or "no trigger in time")
+            except (
+                TriggerRejected,
+                ProtocolError,
+                asyncio.IncompleteReadError,
+                TimeoutError,
+                OSError,
+            ) as exc:
+                self._bad_client.warning(
+                    "dropping a trigger-socket client: %s", exc or "no trigger in time"
+                )
                 return
+            request_complete()
             await self._forward_and_wait(ident, with_ident(payload, ident), reader, writer)
         finally:
             writer.close()
@@ -319,6 +355,20 @@ class TriggerSocket:
         finally:
             await agent.send_control(ConnectionTerminated(domain, port), generation)
             log.debug("call %s (domain %d port %d) terminated", ident, domain, port)
+
+
+def _env_positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value > 0:
+        return value
+    log.warning("ignoring %s=%r: not a positive number", name, raw)
+    return default
 
 
 async def install(agent: Agent) -> None:

@@ -352,11 +352,14 @@ async def relay_socket(
     *,
     exit_on_client_eof: bool,
     exit_on_service_eof: bool,
+    stderr_eof_sent: bool = False,
 ) -> int | None:
     """Relay a connected service socket (unix or TCP): 0 at the end, None if the caller left.
 
     By default the call ends when the caller's stdin has ended *and* the service has
-    closed its side; the rpc-config options end it at the first of the two.
+    closed its side; the rpc-config options end it at the first of the two. STDERR EOF
+    goes out first unless the caller already sent it (``stderr_eof_sent``: dom0 sends it
+    before anything else, spec §15.1).
     """
     sock.setblocking(False)
     fd = sock.fileno()
@@ -368,7 +371,8 @@ async def relay_socket(
             client_eof.set_result(None)
 
     async def produce() -> None:
-        await channel.send_eof(MsgType.DATA_STDERR)
+        if not stderr_eof_sent:
+            await channel.send_eof(MsgType.DATA_STDERR)
         pump = asyncio.ensure_future(_pump(channel, MsgType.DATA_STDOUT, fd))
         if exit_on_client_eof:
             await asyncio.wait((pump, client_eof), return_when=asyncio.FIRST_COMPLETED)
