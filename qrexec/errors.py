@@ -119,3 +119,36 @@ class PamError(ServiceError):
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.code = code
+
+
+class CallFailed(QrexecError):
+    """``check=True`` of the in-process client: the call ended with a non-zero exit code.
+
+    ``result`` is the whole :class:`~qrexec.client.api.CallResult` (output included), so a
+    caller can still log what the service said. The subclasses below give the codes that
+    keep their Qubes meaning a type of their own.
+    """
+
+    def __init__(self, message: str, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CallRefused(CallFailed, AccessDenied):
+    """Exit code 126: policy refused the call."""
+
+    def __init__(self, message: str, result: object) -> None:
+        CallFailed.__init__(self, message, result)
+        self.notify = True
+
+
+class CallServiceNotFound(CallFailed, ServiceNotFound):
+    """Exit code 127: the target has no such service (or command)."""
+
+
+class CallProblem(CallFailed):
+    """Exit code 125: qrexec itself failed somewhere along the call."""
+
+
+class CallTimeout(QrexecError, TimeoutError):
+    """The in-process call did not finish within its ``timeout``."""
