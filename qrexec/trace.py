@@ -28,6 +28,8 @@ ON: bool = os.environ.get("QREXEC_TRACE", "") not in ("", "0")
 #: Name of this program in trace lines (set by each program's main).
 program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 _fd: int | None = None
+#: The ``call=`` key of a per-call CLI: its pid (one call per process).
+CLI_CALL = f"{os.getpid()}.0"
 
 
 def set_program(name: str) -> None:
@@ -45,10 +47,8 @@ def vchan_key(own_domain: int, remote_domain: int, port: int, *, server: bool = 
 def _open() -> int:
     global _fd
     path = os.environ.get("QREXEC_TRACE_FILE")
-    if path:
-        _fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    else:
-        _fd = 2
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    _fd = os.open(path, flags, 0o644) if path else 2
     return _fd
 
 
@@ -66,4 +66,4 @@ def point(stage: str, **fields: object) -> None:
     try:
         os.write(fd, line)
     except OSError:
-        pass
+        return  # tracing never breaks a call

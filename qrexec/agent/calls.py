@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from qrexec import trace
 from qrexec.backends.base import AsyncStream, Backend
 from qrexec.errors import (
     ProtocolError,
@@ -115,7 +116,15 @@ class CallRunner:
         runs to its end even if the control connection goes away.
         """
         where = f"domain {request.connect_domain} port {request.connect_port}"
+        key = ""
+        if trace.ON:
+            key = trace.vchan_key(
+                self.backend.own_domain, request.connect_domain, request.connect_port, server=False
+            )
+            trace.point("agent.exec_request", vchan=key, type=request.msg_type.name)
         prepared = await self.prepare(request.command)
+        if trace.ON:
+            trace.point("agent.prepared", vchan=key)
         if prepared.error is not None:
             log.warning("call for %s fails: %s", where, prepared.error)
         try:
@@ -127,12 +136,16 @@ class CallRunner:
         except (TransportError, TimeoutError, OSError) as exc:
             log.warning("cannot connect the data vchan to %s: %s", where, exc)
             return
+        if trace.ON:
+            trace.point("agent.vchan_connected", vchan=key)
         try:
-            await self._serve(stream, request, prepared, on_data_phase)
+            await self._serve(stream, request, prepared, on_data_phase, key)
         except (ProtocolError, TransportError, OSError) as exc:
             log.warning("call on %s ended: %s", where, exc)
         finally:
             stream.close()
+            if trace.ON:
+                trace.point("agent.teardown", vchan=key)
 
     async def prepare(self, raw_command: bytes) -> PreparedCall:
         prepared = PreparedCall()
@@ -220,6 +233,7 @@ class CallRunner:
         request: ExecRequest,
         prepared: PreparedCall,
         on_data_phase: Callable[[], None] | None = None,
+        key: str = "",
     ) -> None:
         timeout = self.settings.data_connect_timeout
         try:
@@ -230,6 +244,9 @@ class CallRunner:
         if on_data_phase is not None:
             on_data_phase()
         channel = relay.DataChannel(stream, version)
+        channel.trace_key = key
+        if trace.ON:
+            trace.point("agent.hello", vchan=key, version=version)
         if prepared.error is not None:
             if request.msg_type is MsgType.JUST_EXEC:
                 await channel.send_exit(prepared.error_code)
@@ -244,6 +261,8 @@ class CallRunner:
         else:
             code = await self._run_socket(channel, prepared)
         log.info("call on port %d finished with %s", request.connect_port, code)
+        if trace.ON:
+            trace.point("agent.exit_code_sent", vchan=key, code=code)
 
     async def _just_exec(self, channel: relay.DataChannel, prepared: PreparedCall) -> None:
         """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start).
@@ -286,6 +305,8 @@ class CallRunner:
         return ExitCode.PROBLEM
 
     async def _run_process(self, channel: relay.DataChannel, spec: ProcessSpec) -> int | None:
+        if trace.ON:
+            trace.point("agent.spawn", vchan=channel.trace_key)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -304,6 +325,8 @@ class CallRunner:
             code = exec_failure_code(exc)
             await channel.finish_early(code, stdout_first=True)
             return code
+        if trace.ON:
+            trace.point("agent.child_started", vchan=channel.trace_key, pid=proc.pid)
         theirs.close()
         os.close(stdout_w)
         os.close(stderr_w)

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 
+from qrexec import trace
 from qrexec.agent.calls import AgentSettings
 from qrexec.agent.control import EXIT_PROTOCOL_VIOLATION, Agent, DaemonProtocolViolation
 from qrexec.backends.select import load_backend
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except QrexecError as exc:
         print(f"qrexec-agent: {exc}", file=sys.stderr)
         return 2
+    trace.set_program(f"qrexec-agent.{backend.own_domain}")
     agent_socket = args.agent_socket or settings.env.get(AGENT_SOCKET_ENV) or DEFAULT_AGENT_SOCKET
     log.info(
         "starting: domain root %s, service path %s",

@@ -49,6 +49,7 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from qrexec import trace
 from qrexec.errors import InvalidField, ProtocolError, QrexecError
 from qrexec.listening import (
     GuardedServer,
@@ -330,6 +331,8 @@ class TriggerSocket:
             ident, writer, reader, generation, asyncio.get_running_loop().create_future()
         )
         self.waiting[ident] = waiter
+        if trace.ON:
+            trace.point("agent.trigger_forwarded", req=f"{agent.backend.own_domain}:{ident}")
         if not await agent.send_control_raw(frame, generation):
             self.waiting.pop(ident, None)
             log.warning("refusing a call: the control channel is gone")
@@ -344,6 +347,12 @@ class TriggerSocket:
             log.info("request %s refused", ident)
             return
         domain, port = answer
+        if trace.ON:
+            trace.point(
+                "agent.service_connect",
+                req=f"{agent.backend.own_domain}:{ident}",
+                vchan=trace.vchan_key(agent.backend.own_domain, domain, port),
+            )
         try:
             writer.write(EXEC_PARAMS.pack(domain, port))
             await writer.drain()
@@ -353,6 +362,11 @@ class TriggerSocket:
         except OSError as exc:
             log.info("client of %s went away: %s", ident, exc)
         finally:
+            if trace.ON:
+                trace.point(
+                    "agent.connection_terminated",
+                    vchan=trace.vchan_key(agent.backend.own_domain, domain, port),
+                )
             await agent.send_control(ConnectionTerminated(domain, port), generation)
             log.debug("call %s (domain %d port %d) terminated", ident, domain, port)
 

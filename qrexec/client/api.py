@@ -32,7 +32,7 @@ import asyncio
 import os
 import socket
 import threading
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -309,7 +309,9 @@ async def _data_phase(
                     trace.point("client.stdin.stopped", call=key, why=trace_note)
 
 
-async def _accept(backend: Backend, domain: int, port: int, buffer: int, wait: float) -> AsyncStream:
+async def _accept(
+    backend: Backend, domain: int, port: int, buffer: int, wait: float
+) -> AsyncStream:
     listener = await backend.listen_async(domain, port, read_min=buffer, write_min=buffer)
     try:
         async with asyncio.timeout(wait or None):
@@ -340,20 +342,19 @@ def _with_timeout(timeout: float | None, what: str) -> Callable[[Awaitable[T]], 
 _local = threading.local()
 
 
-def run_blocking(coro: Awaitable[T]) -> T:
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on this thread's private event loop (kept between calls: cheaper)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
-        if hasattr(coro, "close"):
-            coro.close()
+        coro.close()
         raise UsageError("the blocking face cannot run inside an event loop; await the a* method")
-    runner = getattr(_local, "runner", None)
+    runner: asyncio.Runner | None = getattr(_local, "runner", None)
     if runner is None:
         runner = _local.runner = asyncio.Runner()
-    return runner.run(coro)  # type: ignore[arg-type]
+    return runner.run(coro)
 
 
 # --- the clients ---------------------------------------------------------------------------
@@ -454,7 +455,9 @@ class Dom0Client(_Client):
                 trace.point(
                     "client.port",
                     call=key,
-                    vchan=trace.vchan_key(backend.own_domain, reply.connect_domain, reply.connect_port),
+                    vchan=trace.vchan_key(
+                        backend.own_domain, reply.connect_domain, reply.connect_port
+                    ),
                 )
             stream = await _accept(
                 backend,

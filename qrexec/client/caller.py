@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from qrexec import trace
 from qrexec.backends.base import BlockingStream
 from qrexec.errors import ProtocolError, TransportError
 from qrexec.lazy_logging import get_logger
@@ -175,6 +176,9 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     outputs = {MsgType.DATA_STDOUT: io.stdout_fd, MsgType.DATA_STDERR: io.stderr_fd}
     filters = {MsgType.DATA_STDOUT: io.filter_stdout, MsgType.DATA_STDERR: io.filter_stderr}
     open_outputs = {MsgType.DATA_STDOUT: True, MsgType.DATA_STDERR: True}
+    if trace.ON:
+        trace.point("client.hello", call=trace.CLI_CALL, version=version)
+    seen_first = False
     try:
         while True:
             data = stream.recv(RECV_SIZE)
@@ -184,6 +188,8 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
                 return CLOSED_EARLY_EXIT
             for message in decoder.feed(data):
                 if isinstance(message, ExitStatus):
+                    if trace.ON:
+                        trace.point("client.exit_code", call=trace.CLI_CALL, code=message.code)
                     sender.stopped = True
                     sender.send_eof(wait=False)
                     return message.code
@@ -192,11 +198,16 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
                 if not open_outputs[kind]:
                     continue
                 if message.is_eof:
+                    if trace.ON:
+                        trace.point("client.eof", call=trace.CLI_CALL, stream=kind.name)
                     open_outputs[kind] = False
                     if kind is MsgType.DATA_STDOUT and io.close_stdout_at_eof:
                         _close_output(outputs[kind])
                         io.stdout_closed = True
                     continue
+                if not seen_first and trace.ON:
+                    trace.point("client.output.first_byte", call=trace.CLI_CALL)
+                seen_first = True
                 payload = filter_escapes(message.data) if filters[kind] else message.data
                 if not _write_all(outputs[kind], payload):
                     open_outputs[kind] = False

@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 
+from qrexec import trace
 from qrexec.lazy_logging import configure, get_logger, sync
 from qrexec.protocol.constants import ExitCode
 
@@ -81,6 +82,9 @@ def _check_connect(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if trace.ON:
+        trace.set_program("qrexec-client")
+        trace.point("client.start", call=trace.CLI_CALL)
     args = build_parser().parse_args(argv)
     configure(debug=args.verbose, format="qrexec-client: %(message)s")
     env = dict(os.environ)

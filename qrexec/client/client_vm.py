@@ -38,6 +38,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from qrexec import trace
 from qrexec.lazy_logging import configure, get_logger
 from qrexec.protocol.constants import ExitCode
 
@@ -191,6 +192,12 @@ def _call(
     from qrexec.client.caller import caller_handshake
 
     trigger_sock, domain, port = request_call(options)
+    if trace.ON:
+        trace.point(
+            "client.port",
+            call=trace.CLI_CALL,
+            vchan=trace.vchan_key(backend.own_domain, domain, port),
+        )
     try:
         local = None
         if options.local_program:
@@ -205,6 +212,8 @@ def _call(
             if local is not None:
                 local.abandon()
             raise
+        if trace.ON:
+            trace.point("client.vchan_connected", call=trace.CLI_CALL)
         try:
             data_version = caller_handshake(stream, version)
             return run_call(options, stream, data_version, local)
@@ -238,6 +247,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     from qrexec.client.client_vm_args import USAGE, HelpRequested, parse_args
     from qrexec.errors import QrexecError, UsageError
 
+    if trace.ON:
+        trace.set_program("qrexec-client-vm")
+        trace.point("client.start", call=trace.CLI_CALL)
     environ = dict(os.environ if env is None else env)
     args = sys.argv[1:] if argv is None else list(argv)
     configure(debug=False, format="qrexec-client-vm: %(message)s")

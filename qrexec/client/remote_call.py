@@ -18,6 +18,7 @@ import argparse
 import os
 from typing import Any
 
+from qrexec import trace
 from qrexec.client.caller import CallerIO, caller_handshake, read_exit_code, run_caller
 from qrexec.client.daemon_socket import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV, DaemonConnection
 from qrexec.errors import QrexecError, UsageError
@@ -88,9 +89,19 @@ class RemoteCall:
         backend = load_backend(args.transport, self.env)
         msg_type = MsgType.JUST_EXEC if args.just_exec else MsgType.EXEC_CMDLINE
         daemon = DaemonConnection.open(self.socket_dir, args.dest)
+        if trace.ON:
+            trace.point("client.daemon_connected", call=trace.CLI_CALL)
         try:
             reply = daemon.request(ExecRequest(msg_type, 0, 0, encode_cmdline(args.cmdline)))
             assert reply is not None
+            if trace.ON:
+                trace.point(
+                    "client.port",
+                    call=trace.CLI_CALL,
+                    vchan=trace.vchan_key(
+                        backend.own_domain, reply.connect_domain, reply.connect_port
+                    ),
+                )
             listener = backend.listen(
                 reply.connect_domain,
                 reply.connect_port,
@@ -105,6 +116,8 @@ class RemoteCall:
                 ) from None
             finally:
                 listener.close()
+            if trace.ON:
+                trace.point("client.vchan_connected", call=trace.CLI_CALL)
             try:
                 version = caller_handshake(stream, own_version)
                 if args.just_exec:
@@ -117,6 +130,8 @@ class RemoteCall:
                 daemon.wait_closed()
         finally:
             daemon.close()
+        if trace.ON:
+            trace.point("client.teardown", call=trace.CLI_CALL)
         return code
 
     def _data_phase(self, stream: Any, version: int) -> int:

@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
+from qrexec import trace
 from qrexec.backends.select import load_backend
 from qrexec.daemon.config import DaemonConfig
 from qrexec.daemon.core import Daemon
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = load_backend(args.transport, env)
     except QrexecError as exc:
         parser.error(str(exc))
+    trace.set_program(f"qrexec-daemon.{config.name}")
     if args.direct:
         logging.basicConfig(level=level, format=LOG_FORMAT)
         return asyncio.run(serve(Daemon(backend, config), None))

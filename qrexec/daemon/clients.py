@@ -41,6 +41,7 @@ import os
 import socket
 from typing import Protocol
 
+from qrexec import trace
 from qrexec.daemon.config import DaemonConfig
 from qrexec.daemon.pending import PendingRequests
 from qrexec.daemon.ports import PortAllocator, is_data_port
@@ -221,6 +222,8 @@ class ClientServer:
         if task is not None:
             self._tasks.add(task)
         try:
+            if trace.ON:
+                trace.point("daemon.client_connected")
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT):
                 message = await self._handshake_and_read(client)
             request_complete()
@@ -317,9 +320,18 @@ class ClientServer:
         else:
             raise RemoteProtocolError(f"{message.msg_type.name} without its parameters")
         self._wait_for_termination(client, domain, port)
+        key = self._trace_key(message, domain, port) if trace.ON else ""
         if not await daemon.send_to_agent(forward, generation):
             daemon.ports.release(domain, port)
             raise ClientRefused("the agent went away before the request could be sent")
+        if trace.ON:
+            trace.point("daemon.agent_told", vchan=key)
+
+    def _trace_key(self, message: Message, domain: int, port: int) -> str:
+        """The data vchan's trace key: an EXEC's server is the caller, a SERVICE_CONNECT's
+        is this VM (its qrexec-client-vm)."""
+        own = self.daemon.config.domid
+        return trace.vchan_key(own, domain, port, server=not isinstance(message, ExecRequest))
 
     async def _port_for(
         self, client: Client, reply_type: MsgType, domain: int, port: int
@@ -331,6 +343,13 @@ class ClientServer:
                 raise ClientRefused(
                     f"no free data port for domain {domain} "
                     f"({len(daemon.ports)} in use, limit {daemon.ports.limit})"
+                )
+            if trace.ON:
+                # Before the reply: the client may trace its port before we get to run.
+                trace.point(
+                    "daemon.port_allocated",
+                    vchan=self._trace_key(message, domain, allocated),
+                    type=message.msg_type.name,
                 )
             reply = ExecParams(reply_type, daemon.config.domid, allocated)
             client.writer.write(encode(reply))

@@ -52,6 +52,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from qrexec import trace
 from qrexec.daemon.core import Daemon
 from qrexec.daemon.pending import PendingRequest
 from qrexec.daemon.policy_query import PolicySettings, ask_policy
@@ -160,6 +161,14 @@ class VmCalls:
             return
         call = VmCall(request, entry, daemon.generation)
         entry.details = call
+        if trace.ON:
+            trace.point(
+                "daemon.trigger",
+                req=f"{daemon.config.domid}:{request.ident}",
+                src=name,
+                svc=request.service,
+                tgt=request.target,
+            )
         task = asyncio.ensure_future(self.run(call))
         self._tasks[task] = call
         task.add_done_callback(self._forget)
@@ -204,7 +213,13 @@ class VmCalls:
 
     async def run(self, call: VmCall) -> None:
         try:
+            if trace.ON:
+                trace.point("daemon.policy_asked", req=self._trace_req(call))
             response = await ask_policy(self.policy, self.query(call.request))
+            if trace.ON:
+                trace.point(
+                    "daemon.policy_answered", req=self._trace_req(call), allowed=response.allowed
+                )
             if not response.allowed:
                 await self.refuse(call, "denied by policy")
                 return
@@ -226,6 +241,9 @@ class VmCalls:
             log.exception("call %s from %s crashed", call.request.ident, self.daemon.config.name)
         finally:
             await self.refuse(call, "the call could not be completed")
+
+    def _trace_req(self, call: VmCall) -> str:
+        return f"{self.daemon.config.domid}:{call.request.ident}"
 
     def query(self, request: TriggerRequest) -> PolicyQuery:
         return PolicyQuery(
@@ -269,6 +287,12 @@ class VmCalls:
             try:
                 command = self.command_for(call.request, response)
                 domain, port = await daemon.exec_cmdline(config.domid, command)
+                if trace.ON:
+                    trace.point(
+                        "daemon.target_reached",
+                        req=self._trace_req(call),
+                        vchan=trace.vchan_key(config.domid, domain, port),
+                    )
                 log.info(
                     "%s: %s -> %s (domain %d port %d): %s",
                     call.request.ident,

@@ -33,6 +33,7 @@ import socket
 import subprocess
 from collections.abc import Awaitable, Callable
 
+from qrexec import trace
 from qrexec.backends.base import AsyncStream
 from qrexec.errors import RemoteProtocolError, TransportError
 from qrexec.protocol.constants import HEADER_SIZE, SIGNAL_EXIT_BASE, MsgType
@@ -168,12 +169,20 @@ class DataChannel:
         self.max_chunk = max_data_chunk(version)
         self._decoder = FrameDecoder(version, allowed=(MsgType.DATA_STDIN,))
         self._queue: list[Message] = []
+        #: The call's ``vchan=`` key in trace lines (set by the agent when tracing).
+        self.trace_key = ""
+        self._traced: set[MsgType] = set()
 
     async def send_data(self, kind: MsgType, data: bytes) -> None:
+        if trace.ON and kind not in self._traced:
+            self._traced.add(kind)
+            trace.point("agent.first_byte", vchan=self.trace_key, stream=kind.name)
         for offset in range(0, len(data), self.max_chunk):
             await self.stream.send(encode(Data(kind, data[offset : offset + self.max_chunk])))
 
     async def send_eof(self, kind: MsgType) -> None:
+        if trace.ON:
+            trace.point("agent.eof", vchan=self.trace_key, stream=kind.name)
         await self.stream.send(encode(Data(kind, b"")))
 
     async def send_exit(self, code: int) -> None:
@@ -201,7 +210,11 @@ class DataChannel:
             if not data:
                 return None
             self._queue.extend(self._decoder.feed(data))
-        return self._queue.pop(0)
+        message = self._queue.pop(0)
+        if trace.ON and MsgType.DATA_STDIN not in self._traced:
+            self._traced.add(MsgType.DATA_STDIN)
+            trace.point("agent.stdin_first", vchan=self.trace_key)
+        return message
 
 
 async def _relay_stdin(

@@ -34,15 +34,11 @@ def test_blocking_run_captures_output_and_exit_code(
     qrexec_system: QrexecSystem, vm1: Domain
 ) -> None:
     user = qrexec_system.user
-    result = dom0(qrexec_system).run(
-        "vm1", f"{user}:cat; echo err >&2; exit 3", input=b"hello"
-    )
+    result = dom0(qrexec_system).run("vm1", f"{user}:cat; echo err >&2; exit 3", input=b"hello")
     assert result == CallResult(f"vm1 {user}:cat; echo err >&2; exit 3", 3, b"hello", b"err\n")
 
 
-def test_input_as_stream_and_output_to_a_callable(
-    qrexec_system: QrexecSystem, vm1: Domain
-) -> None:
+def test_input_as_stream_and_output_to_a_callable(qrexec_system: QrexecSystem, vm1: Domain) -> None:
     chunks: list[bytes] = []
 
     async def source():  # type: ignore[no-untyped-def]
@@ -51,7 +47,10 @@ def test_input_as_stream_and_output_to_a_callable(
 
     async def main() -> CallResult:
         return await dom0(qrexec_system).arun(
-            "vm1", f"{qrexec_system.user}:cat", input=source(), stdout=chunks.append,
+            "vm1",
+            f"{qrexec_system.user}:cat",
+            input=source(),
+            stdout=chunks.append,
             stderr=DEVNULL,
         )
 
@@ -113,9 +112,7 @@ def test_hundred_concurrent_calls_with_bounded_memory(
     user = qrexec_system.user
 
     async def main() -> list[CallResult]:
-        return await asyncio.gather(
-            *(client.arun("vm1", f"{user}:echo {n}") for n in range(100))
-        )
+        return await asyncio.gather(*(client.arun("vm1", f"{user}:echo {n}") for n in range(100)))
 
     results = asyncio.run(main())
     assert [r.stdout for r in results] == [b"%d\n" % n for n in range(100)]

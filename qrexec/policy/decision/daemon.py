@@ -36,6 +36,7 @@ import sys
 from collections.abc import Mapping
 from typing import Final
 
+from qrexec import trace
 from qrexec.errors import RemoteProtocolError
 from qrexec.listening import GuardedServer, RateLimitedWarning, request_complete
 from qrexec.policy.decision.decide import Decider
@@ -99,7 +100,22 @@ class PolicyServer:
                 self._bad_query.warning("malformed policy query, connection closed: %s", why)
                 return
             request_complete()
+            if trace.ON:
+                trace.point(
+                    "policy.asked",
+                    src=query.source,
+                    svc=query.service_and_arg,
+                    tgt=query.intended_target,
+                )
             response = await self.decider.decide(query, channel="policy.sock")
+            if trace.ON:
+                trace.point(
+                    "policy.answered",
+                    src=query.source,
+                    svc=query.service_and_arg,
+                    tgt=query.intended_target,
+                    result=response.result,
+                )
             self.served += 1
             try:
                 writer.write(response.encode())
@@ -204,6 +220,7 @@ async def serve(
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    trace.set_program("qrexec-policy-daemon")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
