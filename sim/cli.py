@@ -2,12 +2,13 @@
 
 Commands (``qrexec-sim COMMAND --help`` for details)::
 
-    up [--topology FILE]            start the testbed (returns once every agent said HELLO)
+    up [--topology FILE] [--trace]  start the testbed (returns once every agent said HELLO)
     status                          each process: running or dead (exit 1 if any is dead)
     exec VM 'USER:cmd'              run a command in a VM from dom0 (qrexec-client)
     call SOURCE TARGET SERVICE[+ARG] [--] [PROGRAM ARGS...]
                                     call a service from a domain (through policy from a VM)
     logs [NAME...]                  the programs' logs and the policy audit log
+    trace                           per-call timelines of a testbed started with up --trace
     down                            stop everything that up started, remove its sockets
     compose [--topology FILE]       print the compose file for a topology
     demo                            the README walk-through: up, calls, file copy, down
@@ -59,8 +60,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(air.path)
         return 0
     testbed = Testbed(args.run_dir, _topology(args.topology))
-    testbed.up(progress=_quiet if args.quiet else _progress)
+    testbed.up(progress=_quiet if args.quiet else _progress, trace=args.trace)
     print(testbed.run.path)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from qrexec.sim.testbed import Testbed
+    from qrexec.trace_merge import merge
+
+    path = Testbed(args.run_dir).trace_file
+    if not path.exists():
+        print(f"no trace in {path.parent}: start the testbed with `qrexec-sim up --trace`")
+        return 1
+    sys.stdout.write(merge([path.read_text(errors="replace")], show_loose=args.loose))
     return 0
 
 
@@ -243,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-host only: namespaces (root; the default as root) or loopback ports",
     )
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--trace", action="store_true", help="trace every call's stages (QREXEC_TRACE)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("trace", help="merge the trace lines into one timeline per call")
+    p.add_argument("--loose", action="store_true", help="also list lines linked to no call")
+    p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("status", help="report each process")
     p.set_defaults(func=cmd_status)

@@ -129,6 +129,8 @@ class Testbed:
             VCHAN_SOCKET_DIR=str(self.run.vchan_dir),
             QREXEC_VCHAN_LAYOUT=VCHAN_LAYOUT,
         )
+        if self.trace_file.exists():
+            env.update(QREXEC_TRACE="1", QREXEC_TRACE_FILE=str(self.trace_file))
         return env
 
     def dom0_env(self) -> dict[str, str]:
@@ -168,9 +170,17 @@ class Testbed:
         state.processes.append(record)
         self._children.append(proc)
 
-    def up(self, progress: Progress = _quiet) -> None:
+    @property
+    def trace_file(self) -> Path:
+        """Where the programs write their trace lines when the testbed was started traced."""
+        return self.run.path / "trace.log"
+
+    def up(self, progress: Progress = _quiet, *, trace: bool = False) -> None:
         """Write every domain's files, start dom0's programs and the running VMs, and wait
         until every daemon has its agent's HELLO. On failure everything started is stopped.
+
+        ``trace``: every program (and every client the testbed runs) traces its stages
+        into :attr:`trace_file` (``QREXEC_TRACE=1``); its existence is the switch.
         """
         topology = self.topology
         if any(processes.is_alive(p) for p in self.run.read_state().processes):
@@ -178,6 +188,8 @@ class Testbed:
         self._reset_dir()
         if self._air:
             (self.run.path / AIR_FILE).write_text(json.dumps(self._air, indent=1))
+        if trace:
+            self.trace_file.touch()
         user = getpass.getuser()
         self.run.save_topology(topology)
         progress(f"writing domain roots under {self.run.path / 'd'}")

@@ -89,3 +89,29 @@ def test_bad_topology_and_run_dir_errors(tmp_path: Path) -> None:
     long_dir = Path("/tmp/" + "x" * 60)
     result = sim(long_dir, "status")
     assert result.returncode == 1 and b"too long" in result.stderr
+
+
+def test_up_trace_and_the_trace_command(tmp_path: Path) -> None:
+    path = Path(f"/tmp/qsim-trace{os.getpid()}")
+    (tmp_path / "t.toml").write_text(TOPOLOGY)
+    try:
+        untraced = sim(path, "trace")
+        assert untraced.returncode == 1 and b"up --trace" in untraced.stdout
+        up = sim(path, "up", "--trace", "-q", "--topology", str(tmp_path / "t.toml"))
+        assert up.returncode == 0, up.stderr.decode()
+        call = sim(path, "call", "a", "b", "t.Cat", stdin=b"x\n")
+        assert call.returncode == 5
+        timeline = sim(path, "trace").stdout.decode()
+        call_block = next(b for b in timeline.split("\n\n") if "policy.asked" in b)
+        for stage in (
+            "qrexec-client-vm",
+            "client.start",
+            "daemon.trigger",
+            "qrexec-policy-daemon",
+            "agent.child_started",
+            "client.exit_code code=5",
+        ):
+            assert stage in call_block, timeline
+    finally:
+        sim(path, "down")
+        shutil.rmtree(path, ignore_errors=True)
