@@ -7,6 +7,13 @@ they work the same from a script.
 
 Changes made while the testbed runs go straight into the domains' file systems: the agent
 looks services up per call, and the policy daemon reloads policy files when they change.
+
+Calls (``call``, ``exec``, ``start_call``) go through the in-process client
+(:mod:`qrexec.client.api`): no process per call, so a test suite runs fast. ``spawn_cli=True``
+runs the real ``qrexec-client``/``qrexec-client-vm`` instead (that path deserves tests too),
+and so does a call with a local program. A qrexec failure that the API raises (no daemon,
+no agent, the data connection lost) comes back as exit code 125 with the reason on stderr,
+as the CLI reports it.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qrexec.sim import processes, roots
 from qrexec.sim.processes import ProcessRecord
@@ -38,6 +48,75 @@ class CallResult:
     def text(self) -> str:
         """stdout decoded (for assertions on text services)."""
         return self.stdout.decode(errors="replace")
+
+
+if TYPE_CHECKING:
+    from qrexec.client.api import CallResult as ApiResult
+    from qrexec.client.api import Input
+
+
+def _from_api(run: Callable[[], ApiResult]) -> CallResult:
+    from qrexec.errors import CallTimeout, QrexecError
+
+    try:
+        result = run()
+    except CallTimeout:
+        raise
+    except QrexecError as exc:
+        return CallResult(125, b"", f"{exc}\n".encode())
+    return CallResult(result.returncode, result.stdout or b"", result.stderr or b"")
+
+
+class InProcessCall:
+    """What :meth:`RunningTestbed.start_call` returns in process mode: the call runs at once
+    in a thread of its own through the in-process client; ``communicate(input)`` feeds its
+    input and waits, like :class:`subprocess.Popen`'s."""
+
+    def __init__(self, start: Callable[[Input], ApiResult]) -> None:
+        self._chunks: queue.Queue[bytes | None] = queue.Queue()
+        self._result: CallResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(start,), daemon=True)
+        self._thread.start()
+
+    async def _input(self) -> AsyncIterator[bytes]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while (chunk := await loop.run_in_executor(None, self._chunks.get)) is not None:
+            yield chunk
+
+    def _main(self, start: Callable[[Input], ApiResult]) -> None:
+        try:
+            self._result = _from_api(lambda: start(self._input()))
+        except BaseException as exc:
+            self._error = exc
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._result is None else self._result.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("in-process qrexec call", timeout or 0)
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result.returncode
+
+    def communicate(
+        self, input: bytes | None = None, timeout: float | None = None
+    ) -> tuple[bytes, bytes]:
+        if input:
+            self._chunks.put(input)
+        self._chunks.put(None)
+        self.wait(timeout)
+        assert self._result is not None
+        return self._result.stdout, self._result.stderr
 
 
 class RunningTestbed:
@@ -134,17 +213,33 @@ class RunningTestbed:
         *,
         program: Sequence[str] = (),
         timeout: float = 60.0,
+        spawn_cli: bool = False,
     ) -> CallResult:
-        """Call ``service`` in ``target`` from ``source`` (dom0: no policy; a VM: policy)."""
+        """Call ``service`` in ``target`` from ``source`` (dom0: no policy; a VM: policy).
+
+        In process unless ``spawn_cli`` or a local ``program`` asks for the real client.
+        """
+        if not spawn_cli and not program:
+            start = self._api_call(source, target, service, timeout)
+            return _from_api(lambda: start(input))
         argv, env, cwd = self.testbed.call_argv(source, target, service, program)
         done = self.testbed.run_client(argv, env, cwd=cwd, input=input, timeout=timeout)
         return CallResult(done.returncode, done.stdout, done.stderr)
 
     def start_call(
-        self, source: str, target: str, service: str, *, program: Sequence[str] = ()
-    ) -> subprocess.Popen[bytes]:
-        """Start the call :meth:`call` makes without waiting for it (stdin, stdout and stderr
-        are pipes; ``communicate(input)`` finishes it), for calls in flight together."""
+        self,
+        source: str,
+        target: str,
+        service: str,
+        *,
+        program: Sequence[str] = (),
+        spawn_cli: bool = False,
+    ) -> subprocess.Popen[bytes] | InProcessCall:
+        """Start the call :meth:`call` makes without waiting for it (``communicate(input)``
+        finishes it), for calls in flight together. With ``spawn_cli`` or a ``program``, a
+        :class:`subprocess.Popen` of the real client (stdin, stdout and stderr are pipes)."""
+        if not spawn_cli and not program:
+            return InProcessCall(self._api_call(source, target, service, None))
         argv, env, cwd = self.testbed.call_argv(source, target, service, program)
         return subprocess.Popen(
             argv,
@@ -155,8 +250,39 @@ class RunningTestbed:
             stderr=subprocess.PIPE,
         )
 
-    def exec(self, vm: str, cmdline: str, input: bytes = b"", timeout: float = 60.0) -> CallResult:
-        """Run ``USER:cmd`` in ``vm`` from dom0 (``DEFAULT:`` is the agents' account)."""
+    def _api_call(
+        self, source: str, target: str, service: str, timeout: float | None
+    ) -> Callable[[Input], ApiResult]:
+        """A function running the call in process with the input it is given."""
+        from qrexec.client.api import Dom0Client, VmClient
+
+        if source == "dom0":
+            dom0 = Dom0Client(self.testbed.dom0_env())
+            return lambda data: dom0.call(target, service, input=data, timeout=timeout)
+        state = self.testbed.run.read_state()
+        if source not in state.domains:
+            from qrexec.sim.testbed import TestbedError
+
+            raise TestbedError(f"no domain named {source!r} in this testbed")
+        vm = VmClient(self.testbed.vm_env(source, state.domains[source].id))
+        return lambda data: vm.call(target, service, input=data, timeout=timeout)
+
+    def exec(
+        self,
+        vm: str,
+        cmdline: str,
+        input: bytes = b"",
+        timeout: float = 60.0,
+        *,
+        spawn_cli: bool = False,
+    ) -> CallResult:
+        """Run ``USER:cmd`` in ``vm`` from dom0 (``DEFAULT:`` is the agents' account);
+        in process unless ``spawn_cli``."""
+        if not spawn_cli:
+            from qrexec.client.api import Dom0Client
+
+            dom0 = Dom0Client(self.testbed.dom0_env())
+            return _from_api(lambda: dom0.run(vm, cmdline, input=input, timeout=timeout))
         argv, env = self.testbed.exec_argv(vm, cmdline)
         done = self.testbed.run_client(argv, env, input=input, timeout=timeout)
         return CallResult(done.returncode, done.stdout, done.stderr)

@@ -43,6 +43,50 @@ def test_author_puts_a_program_in_the_vm_and_uses_a_2011_service_file(
     assert qrexec_testbed.call("dom0", "vm1", "my.Double", b"21\n").text == "42\n"
 
 
+def test_in_process_and_spawned_cli_calls_agree(
+    qrexec_testbed: RunningTestbed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """call/exec/start_call run in process by default, the real CLIs with spawn_cli."""
+    import subprocess
+
+    from qrexec.sim import harness
+
+    qrexec_testbed.set_policy("my.Rev * vm1 vm2 allow\nmy.Rev * vm2 vm1 deny notify=no\n")
+    qrexec_testbed.install_service("vm2", "my.Rev", "#!/bin/sh\nrev\necho e >&2\nexit 3\n")
+    qrexec_testbed.install_service("vm1", "my.Rev", "#!/bin/sh\nrev\n")
+    spawned: list[object] = []
+    real_run = subprocess.run
+
+    def counting_run(*args: object, **kwargs: object) -> object:
+        spawned.append(args[0])
+        return real_run(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    for source in ("dom0", "vm1"):
+        inside = qrexec_testbed.call(source, "vm2", "my.Rev", b"abc\n")
+        assert not spawned
+        cli = qrexec_testbed.call(source, "vm2", "my.Rev", b"abc\n", spawn_cli=True)
+        assert len(spawned) == 1
+        spawned.clear()
+        assert inside == cli == harness.CallResult(3, b"cba\n", b"e\n")
+    refused = qrexec_testbed.call("vm2", "vm1", "my.Rev")
+    assert (
+        refused.returncode
+        == qrexec_testbed.call("vm2", "vm1", "my.Rev", spawn_cli=True).returncode
+        == 126
+    )
+    user = qrexec_testbed.exec("vm1", "DEFAULT:echo $((6*7))")
+    assert user == qrexec_testbed.exec("vm1", "DEFAULT:echo $((6*7))", spawn_cli=True)
+    assert user.stdout == b"42\n"
+    handle = qrexec_testbed.start_call("vm1", "vm2", "my.Rev")
+    assert isinstance(handle, harness.InProcessCall)
+    assert handle.communicate(b"xyz\n", timeout=60) == (b"zyx\n", b"e\n")
+    assert handle.returncode == 3
+    proc = qrexec_testbed.start_call("vm1", "vm2", "my.Rev", spawn_cli=True)
+    assert isinstance(proc, subprocess.Popen)
+    assert proc.communicate(b"xyz\n", timeout=60) == (b"zyx\n", b"e\n")
+
+
 @pytest.mark.qrexec_topology(EXAMPLE)
 def test_marker_selects_a_topology_file_and_the_example_works(
     qrexec_testbed: RunningTestbed,
