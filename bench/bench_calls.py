@@ -1,33 +1,37 @@
-"""dom0 -> VM call latency and stream throughput through our daemon and agent.
+"""dom0 -> VM call latency: our CLI, the in-process client and Qubes' C programs, one run.
 
-Starts one ``qrexec-daemon`` and one ``qrexec-agent`` over the socket backend in a
-temporary folder, then measures, in the same run:
+Starts one VM (``qrexec-agent`` + ``qrexec-daemon``) of ours and one of Qubes' C programs
+(:mod:`latency_support`), each on the socket backend in its own temporary folder, then
+measures round-robin, N times each (medians):
 
-* **latency**: the median wall time of N (>= 200) sequential ``qrexec-client -d vm1
-  'USER:true'`` calls, as a ratio to the median start of the bare interpreter
-  (``python -I -S -c pass``);
-* **throughput** dom0 -> VM (``cat > /dev/null`` in the VM) and VM -> dom0 (``head -c``
-  in the VM), as a ratio to a plain unix-socket copy of the same size between two
-  processes.
+* baselines: ``python -I -S -c pass`` and ``<venv>/bin/python -c 'import socket'`` (the
+  second pays for site and socket, as any client must);
+* ``qrexec-client -d vm1 USER:true``: our console script (pip's wrapper imports ``re``),
+  our client started without the wrapper (``python -c 'from qrexec.client.cli import
+  main'``), and the C ``qrexec-client`` against the C daemon and agent;
+* the in-process client (``Dom0Client.run``) against our daemon and against the C one;
 
-Run: ``python bench/bench_calls.py [--calls 200] [--mib 256]``. Prints the numbers; the
-machine is shared and noisy, so only the ratios mean something.
+then throughput dom0 -> VM and VM -> dom0 through our CLI as a ratio to a plain unix-socket
+copy of the same size between two processes. Prints the install mode first: an editable
+install pays for setuptools' import hook at every start.
+
+Run: ``python bench/bench_calls.py [--calls 200] [--mib 64] [--no-c]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from qrexec.sim import processes
+from latency_support import Stack, c_bin, install_mode, measure, report, run_timed, script
+
+from qrexec.client.api import Dom0Client
 
 #: A plain unix-socket copy: the child receives and discards, the parent sends zeros.
 PLAIN_COPY = """
@@ -54,102 +58,113 @@ parent.close()
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+NO_WRAPPER = "import sys\nfrom qrexec.client.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
-def client_argv() -> list[str]:
-    program = shutil.which("qrexec-client")
-    return [program] if program else [sys.executable, "-m", "qrexec.client.cli"]
-
-
-def timed(argv: list[str], env: dict[str, str], **kwargs: object) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, **kwargs)  # type: ignore[call-overload]
-    return time.perf_counter() - start
-
-
-def start_vm(base: Path) -> tuple[dict[str, str], list[processes.ProcessRecord]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
-    env.update(QREXEC_TRANSPORT="socket", VCHAN_SOCKET_DIR=str(base / "vchan"))
-    (base / "vchan").mkdir()
-    sockets = base / "qubes"
-    env["QREXEC_DAEMON_SOCKET_DIR"] = str(sockets)
-    agent, _ = processes.spawn(
-        "agent",
-        "vm1",
-        [sys.executable, "-m", "qrexec.agent.cli", "--domain-root", str(base / "root")],
-        # Its trigger socket stays in the bench's folder, not the host's /var/run/qubes.
-        {**env, "VCHAN_DOMAIN": "1", "QREXEC_AGENT_SOCKET": str(base / "agent.sock")},
-        base / "agent.log",
-    )
-    daemon, _ = processes.spawn(
-        "daemon",
-        "vm1",
-        [sys.executable, "-m", "qrexec.daemon.cli", "--direct", "-q", "1", "vm1"],
-        {**env, "VCHAN_DOMAIN": "0"},
-        base / "daemon.log",
-    )
-    records = [agent, daemon]
-    processes.wait_for(
-        (sockets / "qrexec.1").exists, 60, watch=records, what="the agent to connect"
-    )
-    return {**env, "VCHAN_DOMAIN": "0"}, records
+def throughput(ours: Stack, client: str, mib: int) -> None:
+    env = ours.dom0_env()
+    size = mib << 20
+    plain = min(run_timed([sys.executable, "-c", PLAIN_COPY, str(size)], env) for _ in range(3))
+    user = ours.user
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        zeros = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
+        start = time.perf_counter()
+        subprocess.run([client, "-d", "vm1", f"{user}:cat > /dev/null"], stdin=zeros.stdout,
+                       env=env, check=True)  # fmt: skip
+        to_vm = time.perf_counter() - start
+        zeros.wait()
+        start = time.perf_counter()
+        subprocess.run([client, "-d", "vm1", f"{user}:head -c {size} /dev/zero"],
+                       stdin=devnull_in, stdout=devnull_out, env=env, check=True)  # fmt: skip
+        from_vm = time.perf_counter() - start
+    for label, seconds in (("plain unix-socket copy", plain), ("dom0->VM", to_vm),
+                           ("VM->dom0", from_vm)):  # fmt: skip
+        print(f"  {label}: {mib} MiB in {seconds:.2f} s = {mib / seconds:.0f} MiB/s")
+    print(f"  throughput ratio dom0->VM / plain copy: {plain / to_vm:.2f}")
+    print(f"  throughput ratio VM->dom0 / plain copy: {plain / from_vm:.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=200, help="sequential calls (>= 200)")
-    parser.add_argument("--mib", type=int, default=256, help="MiB per throughput run")
+    parser.add_argument("--calls", type=int, default=200, help="calls per variant")
+    parser.add_argument("--mib", type=int, default=64, help="MiB per throughput run (0: skip)")
+    parser.add_argument("--no-c", action="store_true", help="skip Qubes' C programs")
     args = parser.parse_args()
-    user = getpass.getuser()
-    base = Path(tempfile.mkdtemp(prefix="qrx-bench-"))
-    env, records = start_vm(base)
-    client = client_argv()
+    print(f"install mode: {install_mode()}; python {sys.executable}")
+    base = Path(tempfile.mkdtemp(prefix="qrx-bc-", dir="/tmp"))
+    stacks: list[Stack] = []
     try:
-        bare = [timed([sys.executable, "-I", "-S", "-c", "pass"], env) for _ in range(args.calls)]
-        with_site = [timed([sys.executable, "-c", "pass"], env) for _ in range(args.calls)]
-        calls = [timed([*client, "-d", "vm1", f"{user}:true"], env) for _ in range(args.calls)]
-        bare_ms = statistics.median(bare) * 1000
-        site_ms = statistics.median(with_site) * 1000
-        call_ms = statistics.median(calls) * 1000
-        print(f"bare interpreter start, python -I -S (median of {args.calls}): {bare_ms:.1f} ms")
-        print(f"interpreter start with site, python -c pass: {site_ms:.1f} ms")
-        print(f"dom0->VM call qrexec-client 'true' (median of {args.calls}): {call_ms:.1f} ms")
-        print(f"latency ratio call / bare interpreter: {call_ms / bare_ms:.2f}")
-        # qrexec-client cannot run without site (it lives in site-packages), so this
-        # ratio shows what the call itself adds over the unavoidable start-up.
-        print(f"latency ratio call / interpreter with site: {call_ms / site_ms:.2f}")
-
-        size = args.mib << 20
-        plain = min(timed([sys.executable, "-c", PLAIN_COPY, str(size)], env) for _ in range(3))
-        with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
-            zeros = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
-            start = time.perf_counter()
-            subprocess.run(
-                [*client, "-d", "vm1", f"{user}:cat > /dev/null"],
-                stdin=zeros.stdout,
-                env=env,
-                check=True,
+        ours = Stack(base / "py", "py")
+        stacks.append(ours)
+        ours.start_vm("vm1", 1)
+        env = ours.dom0_env()
+        client = script("qrexec-client")
+        user = ours.user
+        dom0 = Dom0Client(env)
+        variants = {
+            "python -I -S -c pass": lambda: run_timed([sys.executable, "-I", "-S", "-c", "pass"],
+                                                      None),
+            "python -c 'import socket'": lambda: run_timed(
+                [sys.executable, "-c", "import socket"], None
+            ),
+            "our CLI (console script)": lambda: run_timed([client, "-d", "vm1", f"{user}:true"],
+                                                          env),
+            "our CLI (no pip wrapper)": lambda: run_timed(
+                [sys.executable, "-c", NO_WRAPPER, "-d", "vm1", f"{user}:true"], env
+            ),
+            "our in-process client": lambda: timed_api(dom0, user),
+        }  # fmt: skip
+        if not args.no_c:
+            theirs = Stack(base / "c", "c", c_bin())
+            stacks.append(theirs)
+            theirs.start_vm("vm1", 1)
+            c_env = theirs.dom0_env()
+            c_client = str(theirs.bindir / "qrexec-client") if theirs.bindir else ""
+            c_sockets = f"--socket-dir={theirs.base / 'qubes'}"
+            c_user = theirs.user
+            c_dom0 = Dom0Client(c_env)
+            variants["C CLI, C daemon+agent"] = lambda: run_timed(
+                [c_client, c_sockets, "-d", "vm1", f"{c_user}:true"], c_env
             )
-            to_vm = time.perf_counter() - start
-            zeros.wait()
-            from_vm = timed(
-                [*client, "-d", "vm1", f"{user}:head -c {size} /dev/zero"],
-                env,
-                stdin=devnull_in,
-                stdout=devnull_out,
-            )
-        for label, seconds in (
-            ("plain unix-socket copy", plain),
-            ("dom0->VM", to_vm),
-            ("VM->dom0", from_vm),
-        ):
-            print(f"{label}: {args.mib} MiB in {seconds:.2f} s = {args.mib / seconds:.0f} MiB/s")
-        print(f"throughput ratio dom0->VM / plain copy: {plain / to_vm:.2f}")
-        print(f"throughput ratio VM->dom0 / plain copy: {plain / from_vm:.2f}")
+            variants["in-process client, C daemon+agent"] = lambda: timed_api(c_dom0, c_user)
+        print(f"dom0->VM 'USER:true', median of {args.calls} (round-robin):")
+        medians = measure(variants, args.calls)
+        report(
+            medians,
+            [
+                ("our CLI / python -c 'import socket' (goal <= 1.5)", "our CLI (console script)",
+                 "python -c 'import socket'"),
+                ("our CLI / python -I -S -c pass", "our CLI (console script)",
+                 "python -I -S -c pass"),
+                ("our CLI without pip wrapper / import socket", "our CLI (no pip wrapper)",
+                 "python -c 'import socket'"),
+                ("our CLI / C CLI", "our CLI (console script)", "C CLI, C daemon+agent"),
+                ("in-process / python -I -S -c pass (goal <= 0.5)", "our in-process client",
+                 "python -I -S -c pass"),
+                ("in-process / C CLI", "our in-process client", "C CLI, C daemon+agent"),
+                ("in-process on C stack / C CLI", "in-process client, C daemon+agent",
+                 "C CLI, C daemon+agent"),
+            ],
+        )  # fmt: skip
+        wrapper = medians["our CLI (console script)"] - medians["our CLI (no pip wrapper)"]
+        print(f"  pip console-script wrapper (imports re) costs about {wrapper:.2f} ms")
+        if args.mib:
+            print(f"throughput through our CLI ({args.mib} MiB):")
+            throughput(ours, client, args.mib)
     finally:
-        processes.stop(records)
+        for stack in stacks:
+            stack.stop()
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def timed_api(client: Dom0Client, user: str) -> float:
+    start = time.perf_counter()
+    result = client.run("vm1", f"{user}:true")
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"in-process call failed: {result}")
+    return elapsed
 
 
 if __name__ == "__main__":
