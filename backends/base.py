@@ -38,9 +38,17 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-#: Ring sizes a server asks for by default (libvchan rounds up to a power of two).
-DEFAULT_READ_MIN = 65536
-DEFAULT_WRITE_MIN = 65536
+from qrexec.backends.defaults import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
+
+__all__ = [
+    "DEFAULT_READ_MIN",
+    "DEFAULT_WRITE_MIN",
+    "AsyncListener",
+    "AsyncStream",
+    "Backend",
+    "BlockingListener",
+    "BlockingStream",
+]
 
 
 @runtime_checkable

@@ -11,13 +11,15 @@ Does no I/O besides reading the environment passed in.
 
 from __future__ import annotations
 
-import importlib
+import sys
 from collections.abc import Mapping
-from typing import Any, cast
 
-from qrexec.backends.base import Backend
 from qrexec.errors import TransportUnavailable
 from qrexec.lazy_logging import get_logger, sync
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from qrexec.backends.base import Backend
 
 log = get_logger(__name__)
 
@@ -49,7 +51,9 @@ def load_backend(explicit: str | None, env: Mapping[str, str]) -> Backend:
     """Choose a transport by the rule and build its backend, logging the choice."""
     name = choose_transport(explicit, env)
     try:
-        module = importlib.import_module(BACKEND_MODULES[name])
+        # __import__ rather than importlib.import_module: no importlib import at start-up.
+        __import__(BACKEND_MODULES[name])
+        module = sys.modules[BACKEND_MODULES[name]]
     except ModuleNotFoundError as exc:
         if exc.name != BACKEND_MODULES[name]:
             raise
@@ -59,6 +63,6 @@ def load_backend(explicit: str | None, env: Mapping[str, str]) -> Backend:
             f"(or set {SOCKET_DIR_ENV})"
         ) from exc
     sync()  # a backend that logs through plain logging gets the program's log format
-    backend = cast(Any, module).make_backend(env)
+    backend: Backend = module.make_backend(env)
     log.info("transport: %s (own domain %d)", name, backend.own_domain)
-    return cast(Backend, backend)
+    return backend

@@ -38,21 +38,28 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
-from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
+from qrexec.backends.defaults import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
 from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
     BoundSocket,
+    as_path,
     connect_once,
     next_retry_delay,
 )
 from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
 from qrexec.lazy_logging import get_logger
 
+# Neither typing nor pathlib at run time: the per-call clients load this module. Paths are
+# strings inside; the accessors that hand out Path objects import pathlib when called.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Literal
+
     from qrexec.backends.socket_async import AsyncSocketListener, AsyncSocketStream
+
+    Layout = Literal["flat", "isolated"]
 
 log = get_logger(__name__)
 
@@ -61,7 +68,6 @@ SOCKET_DIR_ENV = "VCHAN_SOCKET_DIR"
 LAYOUT_ENV = "QREXEC_VCHAN_LAYOUT"
 DEFAULT_SOCKET_DIR = "/var/run/vchan"
 
-Layout = Literal["flat", "isolated"]
 LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 
 #: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
@@ -86,13 +92,20 @@ def check_port(value: int) -> int:
     return value
 
 
-def socket_path(socket_dir: Path, layout: Layout, server: int, client: int, port: int) -> Path:
+def socket_file(socket_dir: str, layout: Layout, server: int, client: int, port: int) -> str:
     """Where the server domain ``server`` listens for ``client`` on ``port``."""
     name = f"vchan.{server}.{client}.{port}.sock"
     if layout == "flat":
-        return socket_dir / name
+        return os.path.join(socket_dir, name)
     low, high = sorted((server, client))
-    return socket_dir / f"pair.{low}.{high}" / name
+    return os.path.join(socket_dir, f"pair.{low}.{high}", name)
+
+
+def socket_path(
+    socket_dir: str | os.PathLike[str], layout: Layout, server: int, client: int, port: int
+) -> Path:
+    """:func:`socket_file` as a Path."""
+    return as_path(socket_file(os.fspath(socket_dir), layout, server, client, port))
 
 
 class _FdGuard:
@@ -276,8 +289,12 @@ class SocketBackend:
         if layout not in LAYOUTS:
             raise ValueError(f"unknown vchan socket layout {layout!r}; use one of {LAYOUTS}")
         self._own_domain = check_domain(own_domain, "own domain id")
-        self.socket_dir = Path(socket_dir)
+        self._socket_dir = os.fspath(socket_dir)
         self.layout: Layout = layout
+
+    @property
+    def socket_dir(self) -> Path:
+        return as_path(self._socket_dir)
 
     @property
     def own_domain(self) -> int:
@@ -289,25 +306,33 @@ class SocketBackend:
             f"layout={self.layout}>"
         )
 
-    def server_path(self, remote_domain: int, port: int) -> Path:
+    def server_file(self, remote_domain: int, port: int) -> str:
         """The socket file we listen on when serving ``remote_domain`` on ``port``."""
-        return socket_path(
-            self.socket_dir,
+        return socket_file(
+            self._socket_dir,
             self.layout,
             self._own_domain,
             check_domain(remote_domain),
             check_port(port),
         )
 
-    def client_path(self, remote_domain: int, port: int) -> Path:
+    def client_file(self, remote_domain: int, port: int) -> str:
         """The socket file we connect to as client of ``remote_domain`` on ``port``."""
-        return socket_path(
-            self.socket_dir,
+        return socket_file(
+            self._socket_dir,
             self.layout,
             check_domain(remote_domain),
             self._own_domain,
             check_port(port),
         )
+
+    def server_path(self, remote_domain: int, port: int) -> Path:
+        """:meth:`server_file` as a Path."""
+        return as_path(self.server_file(remote_domain, port))
+
+    def client_path(self, remote_domain: int, port: int) -> Path:
+        """:meth:`client_file` as a Path."""
+        return as_path(self.client_file(remote_domain, port))
 
     def listen(
         self,
@@ -318,13 +343,13 @@ class SocketBackend:
         write_min: int = DEFAULT_WRITE_MIN,
     ) -> SocketListener:
         # Ring sizes have no meaning here: the kernel's socket buffers play the rings.
-        bound = BoundSocket(self.server_path(remote_domain, port))
+        bound = BoundSocket(self.server_file(remote_domain, port))
         return SocketListener(bound, remote_domain, port)
 
     def connect(
         self, remote_domain: int, port: int, *, timeout: float | None = None
     ) -> SocketStream:
-        path = self.client_path(remote_domain, port)
+        path = self.client_file(remote_domain, port)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         delay = CONNECT_RETRY_FIRST
@@ -354,7 +379,7 @@ class SocketBackend:
     ) -> AsyncSocketListener:
         from qrexec.backends.socket_async import AsyncSocketListener
 
-        bound = BoundSocket(self.server_path(remote_domain, port))
+        bound = BoundSocket(self.server_file(remote_domain, port))
         return AsyncSocketListener(bound, remote_domain, port)
 
     async def connect_async(
@@ -362,7 +387,7 @@ class SocketBackend:
     ) -> AsyncSocketStream:
         from qrexec.backends.socket_async import connect
 
-        return await connect(self.client_path(remote_domain, port), remote_domain, port, timeout)
+        return await connect(self.client_file(remote_domain, port), remote_domain, port, timeout)
 
 
 def make_backend(env: Mapping[str, str]) -> SocketBackend:

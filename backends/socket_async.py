@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -291,7 +292,7 @@ class AsyncSocketListener:
 
 
 async def connect(
-    path: Path, remote_domain: int, port: int, timeout: float | None
+    path: str | os.PathLike[str], remote_domain: int, port: int, timeout: float | None
 ) -> AsyncSocketStream:
     """Connect to ``path``, retrying with back-off while no server takes the call."""
     loop = asyncio.get_running_loop()

@@ -11,13 +11,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import stat
 from collections.abc import Iterator
-from pathlib import Path
 
 from qrexec.errors import TransportUnavailable
 from qrexec.unix_address import unix_address
+
+# No pathlib at run time (the per-call clients load this module): paths are strings inside.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def as_path(text: str) -> Path:
+    """``text`` as a Path, importing pathlib only when someone asks for one."""
+    from pathlib import Path
+
+    return Path(text)
+
 
 #: Client retry back-off: start short (a server usually appears within milliseconds), double,
 #: cap so that a long wait costs a few wake-ups per second, not a busy loop.
@@ -33,7 +46,7 @@ RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
 
 
 @contextlib.contextmanager
-def _addressable(path: Path) -> Iterator[str]:
+def _addressable(path: str) -> Iterator[str]:
     """An AF_UNIX address for ``path``, even when it is longer than ``sun_path`` allows
     (:func:`qrexec.unix_address.unix_address`), with its failures as transport errors."""
     with contextlib.ExitStack() as stack:
@@ -44,10 +57,10 @@ def _addressable(path: Path) -> Iterator[str]:
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise TransportUnavailable(
-                    f"vchan socket name too long for AF_UNIX: {path.name}"
+                    f"vchan socket name too long for AF_UNIX: {os.path.basename(path)}"
                 ) from exc
             raise TransportUnavailable(
-                f"cannot open vchan socket directory {path.parent}: {exc}"
+                f"cannot open vchan socket directory {os.path.dirname(path)}: {exc}"
             ) from exc
         yield address
 
@@ -55,35 +68,41 @@ def _addressable(path: Path) -> Iterator[str]:
 class BoundSocket:
     """A listening socket bound at a vchan path, shared by both faces' listeners."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
             with _addressable(path) as address:
                 sock.bind(address)
-            info = path.stat()
+            info = os.stat(path)
             sock.listen(1)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
-        self.path = path
+        self.file = path
         self._identity = (info.st_dev, info.st_ino)
+
+    @property
+    def path(self) -> Path:
+        return as_path(self.file)
 
     def unlink_if_ours(self) -> None:
         """Remove the socket file unless someone else has bound the name since."""
         try:
-            info = self.path.lstat()
+            info = os.lstat(self.file)
             if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == self._identity:
-                self.path.unlink()
+                os.unlink(self.file)
         except OSError:
             pass
 
 
-def connect_once(path: Path) -> socket.socket | None:
+def connect_once(path: str | os.PathLike[str]) -> socket.socket | None:
     """Try to connect to ``path``; None while there is no server to take the call."""
+    path = os.fspath(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:

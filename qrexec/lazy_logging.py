@@ -17,10 +17,11 @@ Not a logging framework: only the methods this project's client paths use.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
 if TYPE_CHECKING:
     import logging
+    from typing import Any
 
 #: basicConfig arguments a client deferred until its first shown record.
 _pending: dict[str, Any] | None = None

@@ -21,16 +21,22 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from qrexec import trace
-from qrexec.backends.base import BlockingStream
 from qrexec.errors import ProtocolError, TransportError
 from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import MsgType
 from qrexec.protocol.framing import FrameDecoder, read_message
 from qrexec.protocol.messages import Data, ExitStatus, Hello, encode
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+
+    from qrexec.backends.base import BlockingStream
+else:
+    from qrexec._record import dataclass
 
 log = get_logger(__name__)
 

@@ -36,11 +36,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from qrexec import trace
 from qrexec.lazy_logging import configure, get_logger
 from qrexec.protocol.constants import ExitCode
+
+TYPE_CHECKING = False  # typing is not imported at run time (lean start-up)
 
 if TYPE_CHECKING:
     import socket

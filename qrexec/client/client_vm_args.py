@@ -31,13 +31,18 @@ from __future__ import annotations
 import getopt
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from qrexec.errors import UsageError
 from qrexec.protocol.constants import (
     MAX_SERVICE_NAME_LEN,
     VCHAN_DATA_RING_SIZE,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+else:
+    from qrexec._record import dataclass
 
 AGENT_SOCKET_ENV = "QREXEC_AGENT_SOCKET"
 DEFAULT_AGENT_SOCKET = "/var/run/qubes/qrexec-agent"

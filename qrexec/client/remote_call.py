@@ -14,9 +14,7 @@ Blocking, no asyncio.
 
 from __future__ import annotations
 
-import argparse
 import os
-from typing import Any
 
 from qrexec import trace
 from qrexec.client.caller import CallerIO, caller_handshake, read_exit_code, run_caller
@@ -26,6 +24,12 @@ from qrexec.lazy_logging import get_logger
 from qrexec.protocol.cmdline import encode_cmdline
 from qrexec.protocol.constants import VCHAN_DATA_RING_SIZE, ExitCode, MsgType
 from qrexec.protocol.messages import ExecRequest, ServiceConnect
+
+TYPE_CHECKING = False  # typing is not imported at run time (lean start-up)
+if TYPE_CHECKING:
+    import argparse
+
+    from qrexec.backends.base import BlockingStream
 
 log = get_logger(__name__)
 
@@ -134,7 +138,7 @@ class RemoteCall:
             trace.point("client.teardown", call=trace.CLI_CALL)
         return code
 
-    def _data_phase(self, stream: Any, version: int) -> int:
+    def _data_phase(self, stream: BlockingStream, version: int) -> int:
         args = self.args
         prefix = args.prefix_data.encode("utf-8", "surrogateescape")
         if args.local_cmd is not None:

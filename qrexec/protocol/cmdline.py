@@ -21,11 +21,15 @@ Command lines are ``str``; :func:`decode_cmdline` maps wire bytes to ``str`` wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
-
 from qrexec.errors import InvalidField, LocalProtocolError, RemoteProtocolError
 from qrexec.protocol.constants import MAX_SERVICE_FILE_NAME
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Final
+else:
+    from qrexec._record import dataclass
 
 RPC_PREFIX: Final = "QUBESRPC "
 NOGUI_PREFIX: Final = "nogui:"

@@ -27,9 +27,6 @@ decoding error is possible. Does no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
-
 from qrexec.errors import InvalidField
 from qrexec.protocol.constants import (
     IDENT_SIZE,
@@ -51,6 +48,13 @@ from qrexec.protocol.messages import (
     TriggerService3,
     TriggerService4,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Final
+else:
+    from qrexec._record import dataclass
 
 _ALNUM: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 IDENT_CHARS: Final = frozenset(_ALNUM + b"_.- ")

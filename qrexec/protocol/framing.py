@@ -31,7 +31,6 @@ headerless record an agent sends to qrexec-client-vm). This module does no I/O i
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import Final
 
 from qrexec.errors import LocalProtocolError, RemoteProtocolError
 from qrexec.protocol.constants import (
@@ -56,6 +55,10 @@ from qrexec.protocol.messages import (
     encode,
 )
 from qrexec.protocol.negotiation import check_version, max_data_chunk, negotiate
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from typing import Final
 
 _DATA_CAPPED: Final = frozenset(
     {MsgType.DATA_STDIN, MsgType.DATA_STDOUT, MsgType.DATA_STDERR, MsgType.DATA_EXIT_CODE}

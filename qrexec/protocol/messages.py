@@ -12,8 +12,6 @@ appear where, are the framing decoder's and the programs' business. Does no I/O.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Final
 
 from qrexec.errors import LocalProtocolError, RemoteProtocolError
 from qrexec.protocol.constants import (
@@ -25,6 +23,13 @@ from qrexec.protocol.constants import (
     V4_SOURCE_DOMAIN_SIZE,
     MsgType,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
+if TYPE_CHECKING:
+    from dataclasses import dataclass
+    from typing import Final
+else:
+    from qrexec._record import dataclass
 
 HEADER: Final = struct.Struct("<II")
 EXEC_PARAMS: Final = struct.Struct("<II")

@@ -1,0 +1,15 @@
+"""Standard-library modules a plain client call may load beyond ``python -c pass``.
+
+Checked by ``test_client_lean_imports.py`` for ``qrexec-client`` and ``qrexec-client-vm``.
+What ``python -c 'import socket, struct, select'`` adds is allowed as a whole (every client
+must talk over sockets); our own ``qrexec.*`` modules are allowed too. Anything else needs
+a line here with the reason it is worth its start-up time.
+"""
+
+from __future__ import annotations
+
+#: The baseline every client pays (run with ``python -S``): what a plain ``site`` start
+#: loads (``os`` and friends) and sockets, their framing and waiting.
+BASELINE = "import os, io, codecs, encodings.utf_8, abc, stat\nimport socket, struct, select"
+
+ALLOWED: dict[str, str] = {}
