@@ -32,6 +32,8 @@ SHARED = frozenset(
         "qrexec.unix_address",
         "qrexec.trace",
         "qrexec.listening",
+        "qrexec.trace_merge",
+        "qrexec._record",
     }
 )
 

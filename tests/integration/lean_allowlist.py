@@ -12,4 +12,10 @@ from __future__ import annotations
 #: loads (``os`` and friends) and sockets, their framing and waiting.
 BASELINE = "import os, io, codecs, encodings.utf_8, abc, stat\nimport socket, struct, select"
 
-ALLOWED: dict[str, str] = {}
+ALLOWED: dict[str, str] = {
+    "__future__": "every module's `from __future__ import annotations` loads this tiny module",
+    "contextlib": "unix_address and the socket setup are context managers; contextlib's own "
+    "imports (collections, functools, types) come with socket already",
+    "threading": "the caller sends input from a second thread while output flows (caller.py)",
+    "_weakrefset": "imported by threading",
+}
