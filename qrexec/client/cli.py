@@ -1,10 +1,10 @@
 """``qrexec-client`` (dom0): run a command or service in a VM, or a service in dom0.
 
-Usage (spec §8)::
+Usage (spec §8; parsed by :mod:`.client_args`, ``-h`` lists every option)::
 
     qrexec-client -d DEST [-l LOCAL_CMD | -c REQID,SRCNAME,SRCDOMID | -e] [-E] [-t] [-T]
-                  [-w SECONDS] [-W] [-p/--prefix-data DATA] [--use-stdin-socket]
-                  [--socket-dir DIR] [--transport {socket,vchan}] USER:CMDLINE
+                  [-w SECONDS] [-W] [-k] [-p/--prefix-data DATA] [--use-stdin-socket]
+                  [--socket-dir DIR] [--transport {socket,vchan}] [-v] USER:CMDLINE
 
 DEST is a VM name, ``uuid:UUID``, or dom0 (``dom0``, ``@adminvm``,
 ``uuid:00000000-0000-0000-0000-000000000000``). Exit code: the remote one (0 with
@@ -21,7 +21,6 @@ agent connects. Env: ``QREXEC_DAEMON_SOCKET_DIR`` (default ``/var/run/qubes``),
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,45 +28,22 @@ from qrexec import trace
 from qrexec.lazy_logging import configure, get_logger, sync
 from qrexec.protocol.constants import ExitCode
 
+TYPE_CHECKING = False  # typing is not imported at run time (lean start-up)
+if TYPE_CHECKING:
+    from qrexec.client.client_args import ClientOptions
+
 log = get_logger("qrexec.client")
 
 DOM0_NAMES = frozenset({"dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000"})
-#: qrexec-client waits this long for the agent's data connection (spec §3.5; 0 = forever).
-DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Usage errors (wrong or missing options).
+EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qrexec-client", description="run a command or service in a domain"
-    )
-    parser.add_argument("-d", dest="dest", required=True, help="destination domain")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("-l", dest="local_cmd", help="local command connected to the remote one")
-    mode.add_argument("-e", dest="just_exec", action="store_true", help="JUST_EXEC: exit code only")
-    # Not in the group: with -e or -l it is a usage error that exits 1, as in R4.3.
-    parser.add_argument("-c", dest="connect", help="REQID,SRCNAME,SRCDOMID: answer a VM's request")
-    parser.add_argument("-E", "--no-exit-code", action="store_true", help="always exit 0")
-    parser.add_argument("-t", dest="filter_stdout", action="store_true", help="filter stdout")
-    parser.add_argument("-T", dest="filter_stderr", action="store_true", help="filter stderr")
-    parser.add_argument(
-        "-w", dest="timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="connect timeout"
-    )
-    parser.add_argument("-W", dest="wait", action="store_true", help="wait for connection end")
-    parser.add_argument("-k", dest="kill", action="store_true", help="kill the domain at exit")
-    parser.add_argument("-p", "--prefix-data", default="", help="data sent before stdin")
-    parser.add_argument("--use-stdin-socket", action="store_true", help="fd 0 is a socket")
-    parser.add_argument("--socket-dir", help="daemon socket folder")
-    parser.add_argument("--transport", help="socket or vchan (default: the selection rule)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("cmdline", help="USER:COMMAND or USER:QUBESRPC SERVICE+ARG SOURCE")
-    return parser
-
-
-#: R4.3 exits 1 on a bad ``-c`` (spec §15.1); other usage errors are argparse's 2.
+#: R4.3 exits 1 on a bad ``-c`` (spec §15.1); other usage errors exit 2.
 USAGE_EXIT_CONNECT = 1
 
 
-def _check_connect(args: argparse.Namespace) -> str | None:
+def _check_connect(args: ClientOptions) -> str | None:
     """Why ``-c`` cannot be used as given, or None."""
     if args.just_exec or args.local_cmd is not None:
         return "-c cannot be combined with -e or -l"
@@ -75,7 +51,7 @@ def _check_connect(args: argparse.Namespace) -> str | None:
     from qrexec.errors import UsageError
 
     try:
-        parse_connect_arg(args.connect)
+        parse_connect_arg(args.connect or "")
     except UsageError as exc:
         return str(exc)
     return None
@@ -85,7 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     if trace.ON:
         trace.set_program("qrexec-client")
         trace.point("client.start", call=trace.CLI_CALL)
-    args = build_parser().parse_args(argv)
+    from qrexec.client.client_args import USAGE, HelpRequested, parse_args
+    from qrexec.errors import UsageError
+
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except HelpRequested:
+        sys.stdout.write(USAGE)
+        return 0
+    except UsageError as exc:
+        sys.stderr.write(f"qrexec-client: {exc}\n{USAGE}")
+        return EXIT_USAGE
     configure(debug=args.verbose, format="qrexec-client: %(message)s")
     env = dict(os.environ)
     if args.connect is not None:

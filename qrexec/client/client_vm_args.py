@@ -23,15 +23,16 @@ service name must not be empty, start with ``+`` or hold a NUL, and must fit the
 sanitises, as in Qubes.
 
 Pure parsing: reads no environment except through the mapping it is given, does no I/O
-besides ``isatty`` for the defaults. Imports only ``getopt`` and the protocol constants.
+besides ``isatty`` for the defaults. Imports only :mod:`.options` and the protocol constants
+(not ``getopt``, which loads ``gettext`` and ``re``).
 """
 
 from __future__ import annotations
 
-import getopt
 import os
 from collections.abc import Mapping, Sequence
 
+from qrexec.client.options import scan
 from qrexec.errors import UsageError
 from qrexec.protocol.constants import (
     MAX_SERVICE_NAME_LEN,
@@ -64,18 +65,18 @@ USAGE = (
 )
 
 _SHORT = "htTa:p:s:"
-_LONG = [
-    "help",
-    "buffer-size=",
-    "filter-escape-chars-stdout",
-    "filter-escape-chars-stderr",
-    "no-filter-escape-chars-stdout",
-    "no-filter-escape-chars-stderr",
-    "agent-socket=",
-    "prefix-data=",
-    "use-stdin-socket",
-    "source-qube=",
-]
+_LONG = {
+    "help": False,
+    "buffer-size": True,
+    "filter-escape-chars-stdout": False,
+    "filter-escape-chars-stderr": False,
+    "no-filter-escape-chars-stdout": False,
+    "no-filter-escape-chars-stderr": False,
+    "agent-socket": True,
+    "prefix-data": True,
+    "use-stdin-socket": False,
+    "source-qube": True,
+}
 #: Upstream refuses absurd ring sizes; the socket emulation would accept anything.
 MIN_BUFFER_SIZE = 1024
 MAX_BUFFER_SIZE = 1 << 30
@@ -118,10 +119,7 @@ def _check_field(value: str, size: int, what: str) -> None:
 
 def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> ClientVmOptions:
     """Parse ``argv`` (without the program name); UsageError or HelpRequested."""
-    try:
-        opts, rest = getopt.getopt(list(argv), _SHORT, _LONG)
-    except getopt.GetoptError as exc:
-        raise UsageError(str(exc)) from None
+    opts, rest = scan(list(argv), _SHORT, _LONG, permute=False)
     filter_stdout: bool | None = None
     filter_stderr: bool | None = None
     agent_socket: str | None = None

@@ -19,7 +19,6 @@ not per-call start-up critical (R4.3's daemon completes VM → dom0 calls in-pro
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from qrexec.client.daemon_socket import DEFAULT_SOCKET_DIR, SOCKET_DIR_ENV, DaemonConnection
@@ -29,16 +28,20 @@ from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import ExitCode
 from qrexec.protocol.messages import ServiceConnect
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qrexec.client.client_args import ClientOptions
+
 log = get_logger(__name__)
 
 
-def run_dom0_connect(args: argparse.Namespace, env: dict[str, str]) -> int:
+def run_dom0_connect(args: ClientOptions, env: dict[str, str]) -> int:
     """Steps 1-4 of the module docstring; the exit code."""
     from qrexec.backends.select import load_backend
     from qrexec.protocol.negotiation import own_protocol_version
     from qrexec.services.dom0 import serve_dom0_call
 
-    ident, source_name, source_id = parse_connect_arg(args.connect)
+    ident, source_name, source_id = parse_connect_arg(args.connect or "")
     socket_dir = args.socket_dir or env.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR
     try:
         own_version = own_protocol_version(env)

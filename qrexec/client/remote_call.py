@@ -27,9 +27,8 @@ from qrexec.protocol.messages import ExecRequest, ServiceConnect
 
 TYPE_CHECKING = False  # typing is not imported at run time (lean start-up)
 if TYPE_CHECKING:
-    import argparse
-
     from qrexec.backends.base import BlockingStream
+    from qrexec.client.client_args import ClientOptions
 
 log = get_logger(__name__)
 
@@ -74,7 +73,7 @@ def parse_connect_arg(value: str) -> tuple[bytes, str, int]:
 
 
 class RemoteCall:
-    def __init__(self, args: argparse.Namespace, env: dict[str, str]) -> None:
+    def __init__(self, args: ClientOptions, env: dict[str, str]) -> None:
         self.args = args
         self.env = env
         self.socket_dir = args.socket_dir or env.get(SOCKET_DIR_ENV) or DEFAULT_SOCKET_DIR
@@ -173,6 +172,7 @@ class RemoteCall:
         """``-d VM -c``: no data phase (spec §15.1). The target's socket is closed as soon
         as it answered, unless ``-W`` keeps it to wait for the connection's end."""
         args = self.args
+        assert args.connect is not None
         ident, source_name, source_id = parse_connect_arg(args.connect)
         target = DaemonConnection.open(self.socket_dir, args.dest)
         try:

@@ -320,18 +320,18 @@ class ClientServer:
         else:
             raise RemoteProtocolError(f"{message.msg_type.name} without its parameters")
         self._wait_for_termination(client, domain, port)
-        key = self._trace_key(message, domain, port) if trace.ON else ""
+        key = self._trace_key(message.msg_type, domain, port) if trace.ON else ""
         if not await daemon.send_to_agent(forward, generation):
             daemon.ports.release(domain, port)
             raise ClientRefused("the agent went away before the request could be sent")
         if trace.ON:
             trace.point("daemon.agent_told", vchan=key)
 
-    def _trace_key(self, message: Message, domain: int, port: int) -> str:
+    def _trace_key(self, kind: int, domain: int, port: int) -> str:
         """The data vchan's trace key: an EXEC's server is the caller, a SERVICE_CONNECT's
         is this VM (its qrexec-client-vm)."""
         own = self.daemon.config.domid
-        return trace.vchan_key(own, domain, port, server=not isinstance(message, ExecRequest))
+        return trace.vchan_key(own, domain, port, server=kind == MsgType.SERVICE_CONNECT)
 
     async def _port_for(
         self, client: Client, reply_type: MsgType, domain: int, port: int
@@ -348,8 +348,8 @@ class ClientServer:
                 # Before the reply: the client may trace its port before we get to run.
                 trace.point(
                     "daemon.port_allocated",
-                    vchan=self._trace_key(message, domain, allocated),
-                    type=message.msg_type.name,
+                    vchan=self._trace_key(reply_type, domain, allocated),
+                    type=reply_type.name,
                 )
             reply = ExecParams(reply_type, daemon.config.domid, allocated)
             client.writer.write(encode(reply))
