@@ -59,6 +59,20 @@ _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 NO_WRAPPER = "import sys\nfrom qrexec.client.cli import main\nsys.exit(main(sys.argv[1:]))"
+#: 100 calls in flight at once from one fresh process; prints its peak RSS in KiB.
+CONCURRENT = """
+import asyncio, resource, sys
+from qrexec.client.api import Dom0Client
+async def main():
+    client = Dom0Client()
+    calls = [client.arun("vm1", f"{sys.argv[1]}:echo {n}") for n in range(int(sys.argv[2]))]
+    results = await asyncio.gather(*calls)
+    assert [r.stdout for r in results] == [b"%d\\n" % n for n in range(len(calls))], results
+asyncio.run(main())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+#: What the issue allows the client for 100 concurrent calls.
+CONCURRENT_RSS_LIMIT_MIB = 60
 
 
 def throughput(ours: Stack, client: str, mib: int) -> None:
@@ -148,6 +162,7 @@ def main() -> int:
         )  # fmt: skip
         wrapper = medians["our CLI (console script)"] - medians["our CLI (no pip wrapper)"]
         print(f"  pip console-script wrapper (imports re) costs about {wrapper:.2f} ms")
+        concurrent(env, user, 100)
         if args.mib:
             print(f"throughput through our CLI ({args.mib} MiB):")
             throughput(ours, client, args.mib)
@@ -156,6 +171,24 @@ def main() -> int:
             stack.stop()
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def concurrent(env: dict[str, str], user: str, count: int) -> None:
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT, user, str(count)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    elapsed = time.perf_counter() - start
+    rss_mib = int(done.stdout.split()[-1]) / 1024
+    print(
+        f"{count} concurrent in-process calls from one fresh process: {elapsed:.2f} s, "
+        f"peak RSS {rss_mib:.1f} MiB (limit {CONCURRENT_RSS_LIMIT_MIB}; "
+        f"ratio {rss_mib / CONCURRENT_RSS_LIMIT_MIB:.2f})"
+    )
 
 
 def timed_api(client: Dom0Client, user: str) -> float:
