@@ -354,6 +354,11 @@ def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
     runner: asyncio.Runner | None = getattr(_local, "runner", None)
     if runner is None:
         runner = _local.runner = asyncio.Runner()
+        if threading.current_thread() is threading.main_thread():
+            # Other threads' loops go with their thread; the main one's at exit.
+            import atexit
+
+            atexit.register(runner.close)
     return runner.run(coro)
 
 
@@ -433,7 +438,6 @@ class Dom0Client(_Client):
         key = f"{os.getpid()}.{next(_call_numbers)}"
         if trace.ON:
             trace.point("client.start", call=key, dest=vm)
-        backend = self.backend
         sock = await _connect_unix(
             os.path.join(self.socket_dir, f"qrexec.{vm}"), f"the qrexec daemon of {vm}"
         )
@@ -451,6 +455,7 @@ class Dom0Client(_Client):
             reply = await _read_message(sock, frozenset({kind}))
             if not isinstance(reply, ExecParams):
                 raise ProtocolError(f"the daemon of {vm} closed the connection before replying")
+            backend = self.backend
             if trace.ON:
                 trace.point(
                     "client.port",
@@ -576,7 +581,6 @@ class VmClient(_Client):
         key = f"{os.getpid()}.{next(_call_numbers)}"
         if trace.ON:
             trace.point("client.start", call=key, dest=what)
-        backend = self.backend
         sock = await _connect_unix(self.agent_socket, "the qrexec agent")
         loop = asyncio.get_running_loop()
         try:
@@ -592,6 +596,7 @@ class VmClient(_Client):
                     trace.point("client.refused", call=key)
                 return CallResult(what, ExitCode.REQUEST_REFUSED, b"", b"Request refused\n")
             domain, port = EXEC_PARAMS.unpack(raw)
+            backend = self.backend
             if trace.ON:
                 trace.point(
                     "client.port", call=key, vchan=trace.vchan_key(backend.own_domain, domain, port)
