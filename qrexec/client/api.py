@@ -227,14 +227,17 @@ async def _input_chunks(source: Input, chunk: int) -> AsyncIterable[bytes]:
 
 async def _send_input(stream: AsyncStream, version: int, source: Input, key: str) -> None:
     first = True
-    async for data in _input_chunks(source, max_data_chunk(version)):
-        if not data:
-            continue
-        if first and trace.ON:
-            trace.point("client.stdin.first_byte", call=key)
-        first = False
-        await stream.send(encode(Data(MsgType.DATA_STDIN, data)))
-    await stream.send(encode(Data(MsgType.DATA_STDIN, b"")))
+    try:
+        async for data in _input_chunks(source, max_data_chunk(version)):
+            if not data:
+                continue
+            if first and trace.ON:
+                trace.point("client.stdin.first_byte", call=key)
+            first = False
+            await stream.send(encode(Data(MsgType.DATA_STDIN, data)))
+    finally:
+        # EOF even when the caller's input source failed: the service must not wait on.
+        await stream.send(encode(Data(MsgType.DATA_STDIN, b"")))
     if trace.ON:
         trace.point("client.stdin.eof", call=key)
 
@@ -295,18 +298,27 @@ async def _data_phase(
                 await sinks[message.msg_type].write(message.data)
     finally:
         if sender is not None:
-            if not sender.done():
-                sender.cancel()
-            try:
-                await sender
-            except asyncio.CancelledError:
-                if not sender.cancelled():
-                    raise
-            except QrexecError as exc:
-                # The service may exit without reading its input: not our failure.
-                trace_note = f"input not fully sent: {exc}"
-                if trace.ON:
-                    trace.point("client.stdin.stopped", call=key, why=trace_note)
+            await _finish_sender(sender, key)
+
+
+async def _finish_sender(sender: asyncio.Future[None], key: str) -> None:
+    """Stop the input task; a failure of the caller's own input source is raised.
+
+    A transport error while sending input is no failure of the call: the service may exit
+    without reading all of it. (Waiting with ``asyncio.wait`` keeps a cancellation of the
+    call itself propagating.)
+    """
+    if not sender.done():
+        sender.cancel()
+    await asyncio.wait({sender})
+    if sender.cancelled():
+        return
+    problem = sender.exception()
+    if isinstance(problem, QrexecError):
+        if trace.ON:
+            trace.point("client.stdin.stopped", call=key, why=problem)
+    elif problem is not None:
+        raise problem
 
 
 async def _accept(

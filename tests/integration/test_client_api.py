@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -199,3 +200,25 @@ def test_vm_side_without_agent_raises(vmcalls: VmCallSystem) -> None:
     env = {"QREXEC_AGENT_SOCKET": os.fspath(vmcalls.base / "nothing.sock")}
     with pytest.raises(QrexecError, match="cannot connect to the qrexec agent"):
         VmClient(vmcalls.system.env(1, env)).call("vm2", "test.Echo")
+
+
+def test_a_failing_input_source_is_raised_after_the_call_ends(
+    qrexec_system: QrexecSystem, vm1: Domain
+) -> None:
+    def broken() -> Iterator[bytes]:
+        yield b"part"
+        raise ValueError("input source broke")
+
+    with pytest.raises(ValueError, match="input source broke"):
+        dom0(qrexec_system).run("vm1", f"{qrexec_system.user}:cat", input=broken())
+    # The service got EOF and the VM serves the next call.
+    assert dom0(qrexec_system).run("vm1", f"{qrexec_system.user}:echo ok").stdout == b"ok\n"
+
+
+def test_service_ignoring_its_input_is_not_a_failure(
+    qrexec_system: QrexecSystem, vm1: Domain
+) -> None:
+    result = dom0(qrexec_system).run(
+        "vm1", f"{qrexec_system.user}:exec true", input=b"x" * (8 << 20)
+    )
+    assert result.returncode == 0
