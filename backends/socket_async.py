@@ -11,6 +11,7 @@ speed of either side. File names, layouts and the retry rule come from
 from __future__ import annotations
 
 import asyncio
+import mmap
 import logging
 import os
 import socket
@@ -53,7 +54,10 @@ class _StreamProtocol(asyncio.BufferedProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray(RECV_BUFFER_SIZE)
+        # Anonymous mmap, not bytearray: bytearray zero-fills (touches) every page at once,
+        # so each open stream would cost its whole buffer in RSS; untouched mmap pages cost
+        # nothing until data arrives (many idle or short calls at once stay small).
+        self.buf = mmap.mmap(-1, RECV_BUFFER_SIZE)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
