@@ -124,7 +124,8 @@ def main() -> int:
             "our CLI (console script)": lambda: run_timed([client, "-d", "vm1", f"{user}:true"],
                                                           env),
             "our CLI (no pip wrapper)": lambda: run_timed(
-                [sys.executable, "-c", NO_WRAPPER, "-d", "vm1", f"{user}:true"], env
+                # -P: not the checkout in the current folder, the installed package.
+                [sys.executable, "-P", "-c", NO_WRAPPER, "-d", "vm1", f"{user}:true"], env
             ),
             "our in-process client": lambda: timed_api(dom0, user),
         }  # fmt: skip
