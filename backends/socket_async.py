@@ -11,8 +11,8 @@ speed of either side. File names, layouts and the retry rule come from
 from __future__ import annotations
 
 import asyncio
-import mmap
 import logging
+import mmap
 import os
 import socket
 from pathlib import Path
