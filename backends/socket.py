@@ -208,6 +208,28 @@ class SocketStream:
             raise TransportClosed("recv: the vchan was closed by this side")
         return data
 
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        """Fill the start of ``buffer`` with 1..len(buffer) bytes; 0 at end of stream.
+
+        Like :meth:`recv`, but the bytes go from the kernel straight into ``buffer``.
+        """
+        if len(buffer) <= 0:
+            raise ValueError("recv_into needs a non-empty buffer")
+        self._guard.enter("recv")
+        try:
+            count = self._sock.recv_into(buffer)
+        except ConnectionResetError:
+            count = 0
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("recv: the vchan was closed by this side") from exc
+            raise TransportBroken(f"recv from domain {self._remote_domain}: {exc}") from exc
+        finally:
+            self._guard.leave()
+        if not count and self._guard.closed:
+            raise TransportClosed("recv: the vchan was closed by this side")
+        return count
+
     def close(self) -> None:
         self._guard.close()
 

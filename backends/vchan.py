@@ -164,6 +164,11 @@ class VchanStream:
                     return got
                 w.wait_event(None)
 
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        data = self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:
         w = self._waiter
         with w.lock:

@@ -157,6 +157,11 @@ class AsyncVchanStream:
                 return b""
             await self._wait_change()
 
+    async def recv_into(self, buffer: bytearray | memoryview) -> int:
+        data = await self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:
         if self._closed:
             return
