@@ -36,20 +36,19 @@ from collections.abc import Awaitable, Callable
 from qrexec.backends.base import AsyncStream
 from qrexec.errors import RemoteProtocolError, TransportError
 from qrexec.protocol.constants import HEADER_SIZE, SIGNAL_EXIT_BASE, MsgType
-from qrexec.protocol.framing import FrameDecoder, hello_length, hello_version
+from qrexec.protocol.framing import DataFramer, FrameBuffer, hello_length, hello_version
 from qrexec.protocol.messages import (
     Data,
     ExitStatus,
     Hello,
-    Message,
     encode,
 )
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
 
 log = logging.getLogger(__name__)
 
-#: How much one read from a vchan may return.
-RECV_SIZE = 256 * 1024
+#: Buffers per ``writev`` (POSIX guarantees 16 at least; Linux takes 1024).
+WRITEV_MAX = 512
 
 
 def exit_status(returncode: int) -> int:
@@ -128,6 +127,35 @@ async def read_fd(fd: int, size: int) -> bytes:
         await wait_fd(fd)
 
 
+def readv_now(fd: int, buffers: list[memoryview]) -> int | None:
+    """One non-blocking ``readv``: the count, 0 at EOF, None when nothing is there yet."""
+    try:
+        return os.readv(fd, buffers)
+    except BlockingIOError:
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return 0
+
+
+async def writev_fd(fd: int, views: list[memoryview]) -> bool:
+    """Write all of ``views``, in order, to a non-blocking fd (several per system call);
+    False when the reader is gone."""
+    while views:
+        try:
+            written = os.writev(fd, views[:WRITEV_MAX])
+        except BlockingIOError:
+            await wait_fd(fd, write=True)
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views = views[1:]
+        if written:
+            views = [views[0][written:], *views[1:]]
+    return True
+
+
 async def write_fd(fd: int, data: bytes) -> bool:
     """Write all of ``data`` to a non-blocking fd; False when the reader is gone."""
     view = memoryview(data)
@@ -160,14 +188,18 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
 
 
 class DataChannel:
-    """Our end of one data vchan after the handshake: framed sends and receives."""
+    """Our end of one data vchan after the handshake: framed sends and receives.
+
+    The bulk paths copy nothing in user space: input from the service is read straight
+    into frames (:class:`~qrexec.protocol.framing.DataFramer`) and sent as they are, and
+    the caller's STDIN is received into one buffer
+    (:class:`~qrexec.protocol.framing.FrameBuffer`) and written to the service from there.
+    """
 
     def __init__(self, stream: AsyncStream, version: int) -> None:
         self.stream = stream
         self.version = version
         self.max_chunk = max_data_chunk(version)
-        self._decoder = FrameDecoder(version, allowed=(MsgType.DATA_STDIN,))
-        self._queue: list[Message] = []
 
     async def send_data(self, kind: MsgType, data: bytes) -> None:
         for offset in range(0, len(data), self.max_chunk):
@@ -186,56 +218,77 @@ class DataChannel:
             await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_exit(code)
 
-    async def receive(self) -> Message | None:
-        """The caller's next message (only STDIN is allowed); None when it has gone."""
-        while not self._queue:
-            data = await self.stream.recv(RECV_SIZE)
-            if not data:
-                return None
-            self._queue.extend(self._decoder.feed(data))
-        return self._queue.pop(0)
-
 
 async def _relay_stdin(
-    channel: DataChannel, deliver: Callable[[bytes], Awaitable[bool]], end: Callable[[], None]
+    channel: DataChannel,
+    deliver: Callable[[list[memoryview]], Awaitable[bool]],
+    end: Callable[[], None],
 ) -> bool:
     """Caller's STDIN into the service until the caller goes away.
 
-    Returns only when the caller has closed the vchan (or broke the protocol), which is a
-    normal end once the exit code has been sent and an abort before.
+    Payloads go to ``deliver`` as views into the receive buffer, consecutive ones
+    together. Returns only when the caller has closed the vchan (or broke the protocol),
+    which is a normal end once the exit code has been sent and an abort before.
     """
+    frames = FrameBuffer(channel.version, allowed=(MsgType.DATA_STDIN,))
+    view = frames.view
+    stream = channel.stream
     open_ = True
+    pending: list[memoryview] = []
     while True:
+        count = await stream.recv_into(frames.free_space())
+        if not count:
+            return False
+        frames.filled(count)
         try:
-            message = await channel.receive()
+            while (frame := frames.next_frame()) is not None:
+                if not open_:
+                    continue  # the service closed its stdin; upstream drops the rest too
+                _, start, stop = frame
+                if start != stop:
+                    pending.append(view[start:stop])
+                    continue
+                if pending and not await deliver(pending):
+                    pending = []
+                    end()
+                    open_ = False
+                    continue
+                pending = []
+                end()
+                open_ = False
         except RemoteProtocolError as exc:
             log.warning("caller broke the data protocol: %s", exc)
             return False
-        if message is None:
-            return False
-        assert isinstance(message, Data)
-        if not open_:
-            continue  # the service closed its stdin; upstream drops the rest too
-        if message.is_eof or not await deliver(message.data):
-            end()
-            open_ = False
+        if pending:
+            if not await deliver(pending):
+                end()
+                open_ = False
+            pending = []
 
 
 async def _pump(channel: DataChannel, kind: MsgType, fd: int) -> None:
-    while data := await read_fd(fd, channel.max_chunk):
-        await channel.send_data(kind, data)
+    framer = DataFramer(kind, channel.max_chunk)
+    while True:
+        count = readv_now(fd, framer.payloads)
+        if count is None:
+            await wait_fd(fd)
+            continue
+        if not count:
+            return
+        await channel.stream.send(framer.frames(count))
 
 
 async def _pump_until(
     channel: DataChannel, kind: MsgType, fd: int, stop: asyncio.Future[None]
 ) -> None:
     """Like :func:`_pump`, but once ``stop`` is done only what is already readable goes."""
+    framer = DataFramer(kind, channel.max_chunk)
     while True:
-        data = read_now(fd, channel.max_chunk)
-        if data == b"":
+        count = readv_now(fd, framer.payloads)
+        if count == 0:
             return
-        if data is not None:
-            await channel.send_data(kind, data)
+        if count is not None:
+            await channel.stream.send(framer.frames(count))
             continue
         if stop.done():
             return
@@ -301,7 +354,7 @@ async def relay_process(
 
     caller_gone = asyncio.ensure_future(
         _relay_stdin(
-            channel, lambda data: write_fd(sock_fd, data), lambda: _shutdown_write(stdin_sock)
+            channel, lambda views: writev_fd(sock_fd, views), lambda: _shutdown_write(stdin_sock)
         )
     )
     code_box: list[int] = []
@@ -375,7 +428,7 @@ async def relay_socket(
         await channel.send_eof(MsgType.DATA_STDOUT)
 
     caller_gone = asyncio.ensure_future(
-        _relay_stdin(channel, lambda data: write_fd(fd, data), on_client_eof)
+        _relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof)
     )
     try:
         if await _race(produce(), caller_gone):
