@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from qrexec.backends.base import BlockingStream
 from qrexec.errors import ProtocolError, TransportError
 from qrexec.lazy_logging import get_logger
+from qrexec.pipe_buffers import enlarge_pipe
 from qrexec.protocol.constants import MsgType
 from qrexec.protocol.framing import DataFramer, FrameBuffer, FrameDecoder, read_message
 from qrexec.protocol.messages import Data, ExitStatus, Hello, encode
@@ -191,6 +192,9 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     Output payloads are written from the receive buffer itself, consecutive chunks of one
     stream in one ``writev``.
     """
+    for fd in (io.stdin_fd, io.stdout_fd):
+        if fd is not None:
+            enlarge_pipe(fd)
     sender = _InputSender(stream, max_data_chunk(version), io)
     thread = threading.Thread(target=sender.run, name="qrexec-stdin", daemon=True)
     thread.start()

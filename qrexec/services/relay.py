@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 
 from qrexec.backends.base import AsyncStream
 from qrexec.errors import RemoteProtocolError, TransportError
+from qrexec.pipe_buffers import enlarge_pipe, enlarge_send_buffer
 from qrexec.protocol.constants import HEADER_SIZE, SIGNAL_EXIT_BASE, MsgType
 from qrexec.protocol.framing import DataFramer, FrameBuffer, hello_length, hello_version
 from qrexec.protocol.messages import (
@@ -331,6 +332,8 @@ async def relay_process(
     """
     for fd in (stdin_sock.fileno(), stdout_fd, stderr_fd):
         os.set_blocking(fd, False)
+    enlarge_send_buffer(stdin_sock)
+    enlarge_pipe(stdout_fd)
     exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     sock_fd = stdin_sock.fileno()
 
