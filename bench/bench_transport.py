@@ -79,6 +79,10 @@ def receive(mode: str, directory: Path) -> tuple[int, float, float]:
         print("listening", flush=True)
         stream = listener.accept()
         start, cpu = time.perf_counter(), time.process_time()
+        if not hasattr(stream, "recv_into"):  # an older tree, for "before" numbers
+            while data := stream.recv(RECV_SIZE):
+                total += len(data)
+            return total, time.perf_counter() - start, time.process_time() - cpu
         while count := stream.recv_into(buffer):
             total += count
         return total, time.perf_counter() - start, time.process_time() - cpu
@@ -92,6 +96,10 @@ def receive(mode: str, directory: Path) -> tuple[int, float, float]:
         print("listening", flush=True)
         stream = await listener.accept()
         start, cpu = time.perf_counter(), time.process_time()
+        if not hasattr(stream, "recv_into"):  # an older tree, for "before" numbers
+            while data := await stream.recv(RECV_SIZE):
+                count += len(data)
+            return count, time.perf_counter() - start, time.process_time() - cpu
         while received := await stream.recv_into(buffer):
             count += received
         return count, time.perf_counter() - start, time.process_time() - cpu
