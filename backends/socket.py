@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Literal
 from qrexec.backends.base import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
 from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
+    RECV_CHUNK_MAX,
     BoundSocket,
     connect_once,
     next_retry_delay,
@@ -68,8 +69,6 @@ LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
 
-#: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
-RECV_CHUNK_MAX = 256 * 1024
 
 
 def check_domain(value: int, what: str = "domain id") -> int:

@@ -23,6 +23,8 @@ from qrexec.unix_address import unix_address
 #: cap so that a long wait costs a few wake-ups per second, not a busy loop.
 CONNECT_RETRY_FIRST = 0.001
 CONNECT_RETRY_MAX = 0.05
+#: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
+RECV_CHUNK_MAX = 256 * 1024
 #: Errors meaning "no server yet": no file, stale file / no listener, backlog full.
 RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
 
