@@ -70,7 +70,6 @@ MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
 
 
-
 def check_domain(value: int, what: str = "domain id") -> int:
     """Validate a domain id (a programming error, not untrusted input, when wrong)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DOMAIN_ID:
@@ -206,6 +205,32 @@ class SocketStream:
         if not data and self._guard.closed:
             raise TransportClosed("recv: the vchan was closed by this side")
         return data
+
+    def splice_from(self, header: bytes | bytearray | memoryview, pipe_fd: int, count: int) -> None:
+        """Send ``header``, then ``count`` bytes moved by the kernel from the pipe ``pipe_fd``
+        (Linux ``splice``): the payload never passes through user space, and on kernels
+        where unix sockets take spliced pages it is not copied at all.
+
+        The ``count`` bytes must already be in the pipe (``FIONREAD``) and nobody else may
+        read it; a pipe that runs dry first breaks the stream (its frame cannot be ended).
+        """
+        self._guard.enter("send")
+        try:
+            self._sock.sendall(header, socket.MSG_NOSIGNAL | socket.MSG_MORE)
+            out = self._sock.fileno()
+            while count:
+                moved = os.splice(pipe_fd, out, count)
+                if not moved:
+                    raise TransportBroken("the input pipe ran dry inside a frame")
+                count -= moved
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("send: the vchan was closed by this side") from exc
+            raise TransportBroken(
+                f"send: peer domain {self._remote_domain} port {self._port} is gone ({exc})"
+            ) from exc
+        finally:
+            self._guard.leave()
 
     def recv_into(self, buffer: bytearray | memoryview) -> int:
         """Fill the start of ``buffer`` with 1..len(buffer) bytes; 0 at end of stream.
