@@ -6,7 +6,7 @@ import random
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qrexec.errors import LocalProtocolError, RemoteProtocolError
@@ -36,7 +36,7 @@ def feed_in_pieces(
     return out
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(0, 65536), min_size=1, max_size=30),
     seed=st.integers(0, 1000),
