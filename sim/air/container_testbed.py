@@ -119,9 +119,11 @@ class AirContainerTestbed:
             timeout=timeout,
         )
 
-    def run(self, qube: str, argv: Sequence[str], *, user: str = "") -> ExecResult:
+    def run(
+        self, qube: str, argv: Sequence[str], *, input: bytes | None = None, user: str = ""
+    ) -> ExecResult:
         """Run a command straight in ``HOST:DOMAIN``'s container (no qrexec)."""
-        return self.project.exec(self.service(qube), argv, user=user)
+        return self.project.exec(self.service(qube), argv, input=input, user=user)
 
     # Policy and audit ---------------------------------------------------------------------
     def set_policy(self, host: str, text: str, *, file: str = "20-test.policy") -> str:
