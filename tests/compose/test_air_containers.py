@@ -142,3 +142,16 @@ def test_a_peer_cannot_claim_a_qube_that_is_not_its_own(air: AirContainerTestbed
     allowed = air.run("hostA:relay", [*ssh, "vm1 vm2 test.Add"], input=b"3 4\n", user="user")
     assert (allowed.returncode, allowed.stdout) == (0, b"7\n"), allowed
     assert air.audit("hostB")[-1]["requested_source"] == "hostA-vm1"
+
+
+@pytest.mark.qrexec_mode("containers")
+@pytest.mark.qrexec_topology(TOPOLOGY)
+def test_the_pytest_plugin_runs_a_multi_host_file_in_containers(
+    qrexec_testbed: AirContainerTestbed,
+) -> None:
+    tb = qrexec_testbed
+    assert isinstance(tb, AirContainerTestbed)
+    tb.set_policy("hostB", "test.Add * hostA-vm1 vm2 deny\n", file="10-override.policy")
+    assert seed_call(tb)[0] == 126
+    assert tb.audit("hostA")[-1]["result"] == "allow"
+    assert tb.audit("hostB")[-1]["result"] == "deny"
