@@ -144,6 +144,30 @@ def test_a_peer_cannot_claim_a_qube_that_is_not_its_own(air: AirContainerTestbed
     assert air.audit("hostB")[-1]["requested_source"] == "hostA-vm1"
 
 
+def test_peer_sshd_down_gives_125_with_one_line_then_calls_work_again(
+    air: AirContainerTestbed,
+) -> None:
+    # Until it is gone or a zombie (its parent, the container's supervisor, reaps it later).
+    stop = (
+        "read pid < /run/qubes-sim/sshd.ready && kill $pid && while test -e /proc/$pid "
+        '&& test "$(cut -d" " -f3 /proc/$pid/stat)" != Z; do sleep 0.05; done'
+    )
+    assert air.run("hostB:relay", ["sh", "-c", stop]).returncode == 0
+    code, stdout, stderr = seed_call(air)
+    assert (code, stdout) == (125, b"")
+    (line,) = stderr.decode().splitlines()
+    assert line.startswith("qubesair.SSHProxy: hostB-vm2 (hostB): ")
+    assert "Connection refused" in line
+    # sshd again (it detaches; the healthcheck reads the new pid), and the next call works.
+    restart = (
+        "rm -f /run/sshd-air.pid && /usr/sbin/sshd -f /etc/qubes/air/sshd_config "
+        "&& while ! test -s /run/sshd-air.pid; do :; done "
+        "&& cp /run/sshd-air.pid /run/qubes-sim/sshd.ready"
+    )
+    assert air.run("hostB:relay", ["sh", "-c", restart]).returncode == 0
+    assert seed_call(air) == (0, b"", b"33\n")
+
+
 @pytest.mark.qrexec_mode("containers")
 @pytest.mark.qrexec_topology(TOPOLOGY)
 def test_the_pytest_plugin_runs_a_multi_host_file_in_containers(
