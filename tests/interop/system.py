@@ -26,6 +26,7 @@ user, and the kernel still checks files as the owner, so the test's folders stay
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -33,7 +34,8 @@ import pwd
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,6 +54,20 @@ UUID_PATTERN = "00000000-0000-4000-8000-{:012d}"
 C_DAEMON_POLICY_SOCKET = Path("/run/qubes/policy.sock")
 #: The unprivileged identity VM-side programs get when the tests run as root.
 NAMESPACE_USER = "nobody"
+
+
+@contextlib.contextmanager
+def short_temp_dir() -> Iterator[Path]:
+    """A fresh folder with a short path, removed afterwards.
+
+    The C programs refuse socket paths over 108 bytes (``qrexec.uuid:<uuid>`` is 48 alone),
+    which pytest's own temporary folders exceed under xdist.
+    """
+    base = Path(tempfile.mkdtemp(prefix="qrx-", dir="/tmp"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def vm_uuid(domid: int) -> str:

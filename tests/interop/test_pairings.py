@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.system import InteropSystem, Pairing, Vm, VmSpec, vm_user
+from tests.interop.system import InteropSystem, Pairing, Vm, VmSpec, short_temp_dir, vm_user
 
 pytestmark = [pytest.mark.cpeer, pytest.mark.timeout(240)]
 
@@ -90,22 +90,23 @@ LARGE = 64 * 1024 * 1024
 
 @pytest.fixture(scope="module", params=PAIRINGS, ids=lambda p: p.name)
 def system(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, c_peer_bin: Path
+    request: pytest.FixtureRequest, c_peer_bin: Path
 ) -> Iterator[tuple[InteropSystem, Pairing]]:
     pairing: Pairing = request.param
-    sys_ = InteropSystem(tmp_path_factory.mktemp(pairing.name), c_peer_bin)
-    try:
-        sys_.write_policy(POLICY)
-        sys_.write_dom0_service("test.Dom0", SERVICE_DOM0)
-        for name, domid, spec in (("vm1", 1, pairing.vm1), ("vm2", 2, pairing.vm2)):
-            vm = sys_.start_vm(name, domid, spec)
-            vm.write_service("test.Echo", SERVICE_ECHO)
-            vm.write_service("test.Cat", SERVICE_CAT)
-            vm.write_service("test.Early", SERVICE_EARLY)
-            vm.write_service("test.Denied", SERVICE_DENIED)
-        yield sys_, pairing
-    finally:
-        sys_.stop_all()
+    with short_temp_dir() as base:
+        sys_ = InteropSystem(base, c_peer_bin)
+        try:
+            sys_.write_policy(POLICY)
+            sys_.write_dom0_service("test.Dom0", SERVICE_DOM0)
+            for name, domid, spec in (("vm1", 1, pairing.vm1), ("vm2", 2, pairing.vm2)):
+                vm = sys_.start_vm(name, domid, spec)
+                vm.write_service("test.Echo", SERVICE_ECHO)
+                vm.write_service("test.Cat", SERVICE_CAT)
+                vm.write_service("test.Early", SERVICE_EARLY)
+                vm.write_service("test.Denied", SERVICE_DENIED)
+            yield sys_, pairing
+        finally:
+            sys_.stop_all()
 
 
 def diagnose(sys_: InteropSystem, result: object) -> str:
