@@ -207,3 +207,123 @@ def test_trigger_from_agent(case: Case, c_peer_bin: Path) -> None:
         assert reconnected, "our daemon did not wait for its agent again"
     else:
         assert ours == theirs, f"ours: {ours!r}\ntheirs: {theirs!r}"
+
+
+# ---- §15.3: SERVICE_CONNECT on the daemon's client socket ----
+
+PENDING_TRIGGER = t4(b"test.Svc\0")
+SC = rawpeer.SERVICE_CONNECT
+
+
+@dataclass(frozen=True)
+class ConnectOutcome:
+    """Per client: (messages it got, closed?); what the agent got before and after the
+    policy answered (deny); per client: closed after the agent's CONNECTION_TERMINATED."""
+
+    clients: tuple[tuple[tuple[Msg, ...], bool], ...]
+    agent_while_pending: tuple[Msg, ...]
+    agent_after_policy: tuple[Msg, ...]
+    closed_after_terminated: tuple[bool, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectCase:
+    name: str
+    #: SERVICE_CONNECT payloads, each from a new client, in order.
+    connects: tuple[bytes, ...]
+    qubes: ConnectOutcome
+    #: Hold the policy's answer until the clients are done (the request stays pending).
+    pending: bool = True
+    #: CONNECTION_TERMINATED payload the agent sends at the end.
+    terminate: bytes | None = None
+
+
+NO_REPLY_KEPT = ((), False)
+DROPPED = ((), True)
+FORWARDED_SHORT = ((SC, u32(2, 513) + REQ + b"\0"),)
+REFUSED = ((rawpeer.SERVICE_REFUSED, REQ_RAW),)
+
+CONNECT_CASES = (
+    ConnectCase(
+        "matching id short form is forwarded verbatim",
+        (u32(2, 513) + REQ + b"\0",),
+        ConnectOutcome((NO_REPLY_KEPT,), FORWARDED_SHORT, ()),
+    ),
+    ConnectCase(
+        "matching id padded is forwarded as 40 bytes",
+        (u32(2, 513) + REQ_RAW,),
+        ConnectOutcome((NO_REPLY_KEPT,), ((SC, u32(2, 513) + REQ_RAW),), ()),
+    ),
+    ConnectCase(
+        "port 0 gets a port and the client is closed at CONNECTION_TERMINATED",
+        (u32(2, 0) + REQ_RAW,),
+        ConnectOutcome(
+            (((((SC, u32(1, 514)),), False)),),
+            ((SC, u32(2, 514) + REQ_RAW),),
+            (),
+            (True,),
+        ),
+        terminate=u32(2, 514),
+    ),
+    ConnectCase(
+        "unknown id is dropped and the request is still refused",
+        (u32(2, 513) + b"SOCKET8\0",),
+        ConnectOutcome((DROPPED,), (), REFUSED),
+    ),
+    ConnectCase(
+        "a second connect for the same id is dropped",
+        (u32(2, 513) + REQ + b"\0", u32(2, 515) + REQ + b"\0"),
+        ConnectOutcome((NO_REPLY_KEPT, DROPPED), FORWARDED_SHORT, ()),
+    ),
+    ConnectCase(
+        # The id matches first (the request counts as answered), then the port is checked.
+        "port out of range is dropped and the request counts as answered",
+        (u32(2, 900) + REQ_RAW,),
+        ConnectOutcome((DROPPED,), (), ()),
+    ),
+    ConnectCase(
+        "payload without a final NUL is dropped",
+        (u32(2, 513) + REQ,),
+        ConnectOutcome((DROPPED,), (), REFUSED),
+    ),
+    ConnectCase(
+        "after the policy answered (child reaped) the id is unknown",
+        (u32(2, 513) + REQ_RAW,),
+        ConnectOutcome((DROPPED,), (), ()),
+        pending=False,
+    ),
+)
+
+
+def run_connect_case(impl: Impl, case: ConnectCase, c_bin: Path) -> ConnectOutcome:
+    with daemon_under_test(impl, c_bin, gated=case.pending) as run:
+        run.agent.send(PENDING_TRIGGER)
+        run.wait_policy_calls(1)
+        if not case.pending:
+            # The policy answered deny: the request is refused and its child reaped.
+            assert run.agent.collect(quiet=1.0).messages == list(REFUSED)
+        clients = []
+        seen = []
+        for payload in case.connects:
+            conn = run.client()
+            conn.send(msg(SC, payload))
+            got = conn.collect(quiet=0.7)
+            clients.append(conn)
+            seen.append((tuple(got.messages), got.closed))
+        while_pending = tuple(run.agent.collect(quiet=0.7).messages)
+        run.open_gate()
+        after = tuple(run.agent.collect(quiet=1.0).messages) if case.pending else ()
+        closed_after: list[bool] = []
+        if case.terminate is not None:
+            run.agent.send(msg(rawpeer.CONNECTION_TERMINATED, case.terminate))
+            for conn, (_, closed) in zip(clients, seen, strict=True):
+                closed_after.append(closed or conn.collect(quiet=1.5).closed)
+        return ConnectOutcome(tuple(seen), while_pending, after, tuple(closed_after))
+
+
+@pytest.mark.parametrize("case", CONNECT_CASES, ids=lambda c: c.name)
+def test_service_connect_on_client_socket(case: ConnectCase, c_peer_bin: Path) -> None:
+    theirs = run_connect_case("c", case, c_peer_bin)
+    assert theirs == case.qubes, f"Qubes' daemon: {theirs!r}"
+    ours = run_connect_case("py", case, c_peer_bin)
+    assert ours == theirs, f"ours: {ours!r}\ntheirs: {theirs!r}"
