@@ -107,10 +107,6 @@ class Pairing:
     vm1: VmSpec
     vm2: VmSpec
 
-    @property
-    def uses_c(self) -> bool:
-        return "c" in (self.client, self.vm1.daemon, self.vm1.agent, self.vm2.daemon, self.vm2.agent)
-
 
 @dataclass
 class Vm:
@@ -206,7 +202,8 @@ class InteropSystem:
             "dom0": {"type": "AdminVM", "power_state": "Running", "uuid": vm_uuid(0)}
         }
         for vm in self.vms.values():
-            domains[vm.name] = {"type": "AppVM", "power_state": "Running", "uuid": vm_uuid(vm.domid)}
+            uuid = vm_uuid(vm.domid)
+            domains[vm.name] = {"type": "AppVM", "power_state": "Running", "uuid": uuid}
         self.system_info.write_text(json.dumps({"domains": domains}))
 
     def write_policy(self, text: str, name: str = "30-interop.policy") -> Path:

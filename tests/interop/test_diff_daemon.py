@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop import rawpeer
-from tests.interop.peers import DaemonRun, daemon_under_test, exited
+from tests.interop.peers import both, daemon_under_test, exited
 from tests.interop.rawpeer import Msg, msg, show, u32
 from tests.interop.system import Impl
 
@@ -86,10 +86,12 @@ class Case:
     version: int = 4
 
 
+SVC_CALL = "-- vm1 vm2 test.Svc+arg"
+
 CASES = (
     # ---- valid requests: the policy runs (the shim answers deny) ----
-    Case("v4 well-formed", t4(b"test.Svc+arg\0"), refused_after_policy("-- vm1 vm2 test.Svc+arg")),
-    Case("v3 trigger on v4", t3(b"test.Svc+arg\0"), refused_after_policy("-- vm1 vm2 test.Svc+arg")),
+    Case("v4 well-formed", t4(b"test.Svc+arg\0"), refused_after_policy(SVC_CALL)),
+    Case("v3 trigger on v4", t3(b"test.Svc+arg\0"), refused_after_policy(SVC_CALL)),
     Case(
         "name bytes sanitised",
         t4(b"a/b c\xff+x y\0"),
@@ -186,21 +188,20 @@ DAEMON_DIFFERENCES: dict[str, tuple[Outcome, str]] = {
 }
 
 
-def run_case(impl: Impl, case: Case, c_bin: Path) -> tuple[Outcome, DaemonRun | None, bool]:
+def run_case(impl: Impl, case: Case, c_bin: Path) -> tuple[Outcome, bool]:
     with daemon_under_test(impl, c_bin, version=case.version) as run:
         run.agent.send(case.send)
         got = run.agent.collect(quiet=0.7)
         gone = exited(run.record, 3) if got.closed else exited(run.record, 0)
         outcome = Outcome(tuple(got.messages), got.closed, gone, tuple(run.policy_calls()))
         reconnected = got.closed and not gone and run.reconnects()
-        return outcome, None, reconnected
+        return outcome, reconnected
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_trigger_from_agent(case: Case, c_peer_bin: Path) -> None:
-    theirs, _, _ = run_case("c", case, c_peer_bin)
+    (theirs, _), (ours, reconnected) = both(run_case, case, c_peer_bin)
     assert theirs == case.qubes, f"Qubes' daemon: {theirs!r}"
-    ours, _, reconnected = run_case("py", case, c_peer_bin)
     if case.name in DAEMON_DIFFERENCES:
         expected, reason = DAEMON_DIFFERENCES[case.name]
         assert ours == expected, f"ours: {ours!r}; listed difference: {reason}"
@@ -323,7 +324,6 @@ def run_connect_case(impl: Impl, case: ConnectCase, c_bin: Path) -> ConnectOutco
 
 @pytest.mark.parametrize("case", CONNECT_CASES, ids=lambda c: c.name)
 def test_service_connect_on_client_socket(case: ConnectCase, c_peer_bin: Path) -> None:
-    theirs = run_connect_case("c", case, c_peer_bin)
+    theirs, ours = both(run_connect_case, case, c_peer_bin)
     assert theirs == case.qubes, f"Qubes' daemon: {theirs!r}"
-    ours = run_connect_case("py", case, c_peer_bin)
     assert ours == theirs, f"ours: {ours!r}\ntheirs: {theirs!r}"

@@ -83,7 +83,7 @@ exit 5
 
 SERVICE_CAT = "#!/bin/sh\nexec cat\n"
 SERVICE_EARLY = "#!/bin/sh\nhead -c 5\nexit 7\n"
-SERVICE_DENIED = "#!/bin/sh\necho ran > \"$0.ran\"\n"
+SERVICE_DENIED = '#!/bin/sh\necho ran > "$0.ran"\n'
 
 LARGE = 64 * 1024 * 1024
 
