@@ -74,7 +74,7 @@ class SocketService:
                 pass
 
     def result(self) -> bytes:
-        self._thread.join(10)
+        self._thread.join(3)
         self._server.close()
         return self.received
 

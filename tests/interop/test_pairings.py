@@ -13,7 +13,10 @@ expectations are Qubes' and the harness is right):
 - ``unknown``: no such service: 127, from dom0 and from a VM;
 - ``large``: 64 MiB each way at once, byte-exact (sha256), dom0 → VM and VM → VM;
 - ``early_close``: the service reads 5 bytes and exits 7 while the caller still sends
-  megabytes: the caller gets those bytes and the code and does not hang.
+  megabytes: the caller gets those bytes and the code and does not hang;
+- ``local_program``: ``qrexec-client-vm vm2 SVC LOCAL_PROGRAM`` (spec §15.4): the program's
+  stdin and stdout are sockets, ``QREXEC_AGENT_PID`` is qrexec-client-vm's pid (its parent),
+  ``SAVED_FD_0``/``SAVED_FD_1`` are set, and the remote code wins when non-zero.
 
 The fixture is per module and pairing: one system (dom0 + vm1 + vm2) serves every scenario
 of a pairing, so a pairing costs one start-up.
@@ -28,7 +31,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.system import InteropSystem, Pairing, Vm, VmSpec, short_temp_dir, vm_user
+from tests.interop.system import (
+    InteropSystem,
+    Pairing,
+    Vm,
+    VmSpec,
+    short_temp_dir,
+    vm_user,
+    write_executable,
+)
 
 pytestmark = [pytest.mark.cpeer, pytest.mark.timeout(240)]
 
@@ -84,6 +95,17 @@ exit 5
 SERVICE_CAT = "#!/bin/sh\nexec cat\n"
 SERVICE_EARLY = "#!/bin/sh\nhead -c 5\nexit 7\n"
 SERVICE_DENIED = '#!/bin/sh\necho ran > "$0.ran"\n'
+
+#: A local program for qrexec-client-vm: talks to the service, then reports on stderr.
+LOCAL_PROGRAM = """#!/bin/sh
+echo ping
+read -r reply
+[ -S /dev/stdin ] && s0=socket || s0=other
+[ -S /dev/stdout ] && s1=socket || s1=other
+[ "$QREXEC_AGENT_PID" = "$PPID" ] && pid=client-vm || pid="other:$QREXEC_AGENT_PID"
+echo "report $reply $s0 $s1 $pid saved=${SAVED_FD_0:+0}${SAVED_FD_1:+1}" >&2
+exit 9
+"""
 
 LARGE = 64 * 1024 * 1024
 
@@ -206,3 +228,18 @@ def test_early_close(system: tuple[InteropSystem, Pairing]) -> None:
     assert (from_dom0.returncode, from_dom0.stdout) == (7, data[:5]), diagnose(sys_, from_dom0)
     from_vm = sys_.client_vm(pairing.client, vm1, "vm2", "test.Early", input=data)
     assert (from_vm.returncode, from_vm.stdout) == (7, data[:5]), diagnose(sys_, from_vm)
+
+
+def test_local_program(system: tuple[InteropSystem, Pairing]) -> None:
+    sys_, pairing = system
+    vm1, _ = vms(sys_)
+    program = write_executable(vm1.root / "local-program", LOCAL_PROGRAM)
+    through_cat = sys_.client_vm(pairing.client, vm1, "vm2", "test.Cat", str(program))
+    report = b"report ping socket socket client-vm saved=01\n"
+    # test.Cat exits 0, so the local program's code (9) is the result.
+    assert (through_cat.returncode, through_cat.stdout) == (9, b""), diagnose(sys_, through_cat)
+    assert report in through_cat.stderr
+    # test.Echo exits 3: the remote code wins over the program's.
+    through_echo = sys_.client_vm(pairing.client, vm1, "vm2", "test.Echo", str(program))
+    assert through_echo.returncode == 3, diagnose(sys_, through_echo)
+    assert b"report arg= socket socket client-vm saved=01\n" in through_echo.stderr
