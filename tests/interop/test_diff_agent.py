@@ -261,7 +261,7 @@ def run_case(impl: Impl, case: Case, c_bin: Path) -> Outcome:
             conn.send(msg(rawpeer.HELLO, u32(4)))
             for message in case.stdin:
                 conn.send(message)
-            data = tuple(conn.collect(quiet=5, limit=15, until_closed=True).messages)
+            data = tuple(conn.collect(quiet=5, limit=30, until_closed=True).messages)
         if listener is not None:
             listener.close()
         control = run.control.collect(quiet=1.0)
