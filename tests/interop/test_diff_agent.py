@@ -25,7 +25,7 @@ import pytest
 from tests.interop import rawpeer
 from tests.interop.peers import AgentRun, agent_under_test, both, exited
 from tests.interop.rawpeer import Msg, i32, msg, show, u32
-from tests.interop.system import Impl, vm_user
+from tests.interop.system import Impl, vm_user, write_executable
 
 pytestmark = [pytest.mark.cpeer, pytest.mark.timeout(120)]
 
@@ -420,3 +420,38 @@ def test_trigger_socket(case: TriggerCase, c_peer_bin: Path) -> None:
         assert check(ours), f"ours: {ours!r}; listed difference: {reason}"
     else:
         assert ours == theirs, f"ours: {ours!r}\ntheirs: {theirs!r}"
+
+
+# ---- §15.7: QREXEC_AGENT_PID in a service ----
+
+SERVICE_PID = '#!/bin/sh\necho "${QREXEC_AGENT_PID-unset} $PPID"\n'
+
+
+def run_pid_case(impl: Impl, _case: None, c_bin: Path) -> tuple[bool, bool]:
+    """(QREXEC_AGENT_PID is the agent's main pid, QREXEC_AGENT_PID is the service's parent)."""
+    with agent_under_test(impl, c_bin) as run:
+        write_executable(run.services / "test.Pid", SERVICE_PID)
+        listener = run.data_server(PORT)
+        run.control.send(call(rawpeer.EXEC_CMDLINE, "QUBESRPC test.Pid dom0"))
+        conn = run.accept_data(listener)
+        conn.send(msg(rawpeer.HELLO, u32(4)) + msg(rawpeer.DATA_STDIN, b""))
+        got = conn.collect(quiet=5, limit=30, until_closed=True).messages
+        output = b"".join(p for t, p in got if t == rawpeer.DATA_STDOUT)
+        agent_pid, parent = output.split()
+        return int(agent_pid) == run.record.pid, agent_pid == parent
+
+
+#: (ours, why) where our agent differs on purpose.
+AGENT_PID_DIFFERENCE = (
+    (True, True),
+    "docs/decisions.md: QREXEC_AGENT_PID is the agent's own pid (calls run in the agent's "
+    "event loop, without a per-call process); SIGUSR1 to it works all the same",
+)
+
+
+def test_agent_pid_is_the_per_call_process(c_peer_bin: Path) -> None:
+    theirs, ours = both(run_pid_case, None, c_peer_bin)
+    # Qubes: a per-call child of the agent, which is the service's parent.
+    assert theirs == (False, True)
+    expected, reason = AGENT_PID_DIFFERENCE
+    assert ours == expected, f"ours: {ours}; listed difference: {reason}"
