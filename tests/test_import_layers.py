@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Small modules every layer may use.
 SHARED = frozenset(
-    {"qrexec", "qrexec.errors", "qrexec.lazy_logging", "qrexec.unix_address", "qrexec.trace"}
+    {
+        "qrexec",
+        "qrexec.errors",
+        "qrexec.lazy_logging",
+        "qrexec.unix_address",
+        "qrexec.trace",
+        "qrexec.listening",
+    }
 )
 
 #: component -> the components it may import (besides itself).
