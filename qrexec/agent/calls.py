@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -233,7 +234,7 @@ class CallRunner:
             if request.msg_type is MsgType.JUST_EXEC:
                 await channel.send_exit(prepared.error_code)
             else:
-                await channel.finish_early(prepared.error_code)
+                await channel.finish_early(prepared.error_code, stdout_first=True)
             return
         if request.msg_type is MsgType.JUST_EXEC:
             await self._just_exec(channel, prepared)
@@ -245,9 +246,13 @@ class CallRunner:
         log.info("call on port %d finished with %s", request.connect_port, code)
 
     async def _just_exec(self, channel: relay.DataChannel, prepared: PreparedCall) -> None:
-        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start)."""
+        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start).
+
+        A socket service is connected and gets its descriptor, then the exit code 0 goes
+        out and the socket is closed unread (spec §15.5).
+        """
         if prepared.spec is None:
-            await channel.send_exit(ExitCode.PROBLEM)
+            await channel.send_exit(await self._just_connect(prepared))
             return
         try:
             proc = await start_process(
@@ -263,6 +268,23 @@ class CallRunner:
         relay.reap_in_background(proc)
         await channel.send_exit(ExitCode.OK)
 
+    async def _just_connect(self, prepared: PreparedCall) -> int:
+        """Connect a socket service, write its descriptor and close it: 0, or 125."""
+        target, rpc, config = prepared.target, prepared.rpc, prepared.config
+        assert target is not None and rpc is not None
+        try:
+            sock = await connect_service_socket(target)
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            return ExitCode.PROBLEM
+        with sock:
+            if config.skip_service_descriptor or await relay.write_fd(
+                sock.fileno(), rpc.descriptor
+            ):
+                return ExitCode.OK
+        log.warning("socket service %s closed before taking its descriptor", target.path)
+        return ExitCode.PROBLEM
+
     async def _run_process(self, channel: relay.DataChannel, spec: ProcessSpec) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdout_r, stdout_w = os.pipe()
@@ -272,13 +294,16 @@ class CallRunner:
                 spec, stdin=theirs.fileno(), stdout=stdout_w, stderr=stderr_w
             )
         except ServiceError as exc:
+            # Upstream's forked child fails its execve: the call itself had started, and
+            # the child's status is 127 for ENOENT (say, a missing interpreter), else 125.
             log.warning("%s", exc)
             for fd in (stdout_r, stdout_w, stderr_r, stderr_w):
                 os.close(fd)
             ours.close()
             theirs.close()
-            await channel.finish_early(ExitCode.PROBLEM)
-            return ExitCode.PROBLEM
+            code = exec_failure_code(exc)
+            await channel.finish_early(code, stdout_first=True)
+            return code
         theirs.close()
         os.close(stdout_w)
         os.close(stderr_w)
@@ -291,13 +316,13 @@ class CallRunner:
             sock = await connect_service_socket(target)
         except ServiceError as exc:
             log.warning("%s", exc)
-            await channel.finish_early(ExitCode.PROBLEM)
+            await channel.finish_early(ExitCode.PROBLEM, stdout_first=True)
             return ExitCode.PROBLEM
         if not config.skip_service_descriptor and not await relay.write_fd(
             sock.fileno(), rpc.descriptor
         ):
             sock.close()
-            await channel.finish_early(ExitCode.PROBLEM)
+            await channel.finish_early(ExitCode.PROBLEM, stdout_first=True)
             return ExitCode.PROBLEM
         return await relay.relay_socket(
             channel,
@@ -316,6 +341,18 @@ async def start_process(
             spec, spec.run_as.pam_service, stdin=stdin, stdout=stdout, stderr=stderr
         )
     return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+def exec_failure_code(exc: ServiceError) -> int:
+    """127 when starting the program failed with ENOENT, else 125 (spec §15.6).
+
+    :func:`~qrexec.agent.launch.spawn` raises ServiceError ``from None``; the OSError it
+    replaced stays in ``__context__``.
+    """
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOENT:
+        return ExitCode.SERVICE_NOT_FOUND
+    return ExitCode.PROBLEM
 
 
 def check_executable(program: str) -> None:

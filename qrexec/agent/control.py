@@ -2,14 +2,21 @@
 
 The agent is the vchan **server** of port 512 for domain 0 with 4096-byte rings (spec
 §3.5). It sends HELLO first, reads the daemon's, keeps ``min(own, daemon)``, then reads
-messages. Each message type goes through :attr:`Agent.handlers`; EXEC_CMDLINE and
-JUST_EXEC start a call task here. SERVICE_CONNECT and SERVICE_REFUSED belong to
-VM-initiated calls: the VM-calls code (``qrexec.agent.trigger``) registers handlers for
-them with :meth:`Agent.register_handler` and sends triggers with :meth:`Agent.send_control`;
-without it they are logged and ignored. When the daemon goes away (or breaks the
-protocol), the agent listens again; calls in flight go on, but their CONNECTION_TERMINATED
-is sent only on the connection that started them, so a restarted daemon never frees a port
-that a new call may hold.
+messages (:func:`decode_daemon_message`). Each message type goes through
+:attr:`Agent.handlers`; EXEC_CMDLINE and JUST_EXEC start a call task here.
+SERVICE_CONNECT and SERVICE_REFUSED belong to VM-initiated calls: the VM-calls code
+(``qrexec.agent.trigger``) registers handlers for them with :meth:`Agent.register_handler`
+and sends triggers with :meth:`Agent.send_control`; without it they are logged and
+ignored. When the daemon goes away, the agent listens again; calls in flight go on, but
+their CONNECTION_TERMINATED is sent only on the connection that started them, so a
+restarted daemon never frees a port that a new call may hold.
+
+A daemon that breaks the control protocol makes the agent **exit** (status
+:data:`EXIT_PROTOCOL_VIOLATION`), as upstream's agent does (spec §15.7): SERVICE_REFUSED
+with a length other than 32, EXEC_CMDLINE, JUST_EXEC or SERVICE_CONNECT with 8 bytes or
+fewer (or more than :data:`MAX_CONTROL_PAYLOAD`), and any other message type. Like
+upstream, the last payload byte of the variable messages is taken as the terminator
+(forced to NUL), not checked.
 
 Does not run processes itself (see :mod:`.calls`).
 """
@@ -25,12 +32,27 @@ from typing import Any
 
 from qrexec.agent.calls import AgentSettings, CallRunner
 from qrexec.backends.base import AsyncStream, Backend
-from qrexec.errors import InvalidField, ProtocolError, TransportError
+from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError, TransportError
 from qrexec.listening import RateLimitedWarning
-from qrexec.protocol.constants import VCHAN_CONTROL_PORT, VCHAN_CONTROL_RING_SIZE, MsgType
+from qrexec.protocol.constants import (
+    HEADER_SIZE,
+    IDENT_SIZE,
+    MAX_CMDLINE_LEN,
+    VCHAN_CONTROL_PORT,
+    VCHAN_CONTROL_RING_SIZE,
+    MsgType,
+)
 from qrexec.protocol.fields import validate_connect_params
-from qrexec.protocol.framing import FrameDecoder
-from qrexec.protocol.messages import ConnectionTerminated, ExecRequest, Message, encode
+from qrexec.protocol.messages import (
+    EXEC_PARAMS,
+    HEADER,
+    ConnectionTerminated,
+    ExecRequest,
+    Message,
+    ServiceConnect,
+    ServiceRefused,
+    encode,
+)
 from qrexec.services.relay import handshake
 
 log = logging.getLogger(__name__)
@@ -47,6 +69,45 @@ CONTROL_HELLO_TIMEOUT = 120.0
 #: caller's vchan, HELLO). dom0 hands out at most 256 ports per VM, so 256 never refuses
 #: an honest call; a hostile dom0 cannot pile up more connect loops than this.
 MAX_PENDING_PER_DOMAIN = 256
+
+#: Largest payload we take from the daemon (its client messages are capped the same way).
+MAX_CONTROL_PAYLOAD = MAX_CMDLINE_LEN
+#: Exit status of an agent whose daemon broke the control protocol.
+EXIT_PROTOCOL_VIOLATION = 1
+
+
+class DaemonProtocolViolation(RemoteProtocolError):
+    """dom0's daemon sent what upstream's agent exits on (spec §15.7)."""
+
+
+def _c_string(raw: bytes) -> bytes:
+    """A variable field whose last byte the receiver forces to NUL: up to the first NUL."""
+    return raw[:-1].split(b"\0", 1)[0]
+
+
+def decode_daemon_message(msg_type: int, payload: bytes) -> Message:
+    """One control message from the daemon, decoded the way upstream's agent reads it.
+
+    Raises :class:`DaemonProtocolViolation` where upstream's agent exits.
+    """
+    size = len(payload)
+    try:
+        kind = MsgType(msg_type)
+    except ValueError:
+        raise DaemonProtocolViolation(f"unknown message type {msg_type:#x}") from None
+    if kind is MsgType.SERVICE_REFUSED:
+        if size != IDENT_SIZE:
+            raise DaemonProtocolViolation(f"SERVICE_REFUSED of {size} bytes, not {IDENT_SIZE}")
+        return ServiceRefused(payload)
+    if kind not in DAEMON_MESSAGE_TYPES:
+        raise DaemonProtocolViolation(f"{kind.name} is not a daemon-to-agent message")
+    if size <= EXEC_PARAMS.size:
+        raise DaemonProtocolViolation(f"{kind.name} of {size} bytes (more than 8 needed)")
+    domain, port = EXEC_PARAMS.unpack_from(payload)
+    body = _c_string(payload[EXEC_PARAMS.size :])
+    if kind is MsgType.SERVICE_CONNECT:
+        return ServiceConnect(domain, port, body)
+    return ExecRequest(kind, domain, port, body)
 
 
 class Agent:
@@ -105,12 +166,16 @@ class Agent:
 
     async def send_control(self, message: Message, generation: int | None = None) -> bool:
         """Send on the control vchan; False when not connected (or not to ``generation``)."""
+        return await self.send_control_raw(encode(message), generation)
+
+    async def send_control_raw(self, frame: bytes, generation: int | None = None) -> bool:
+        """Like :meth:`send_control` for a frame already encoded (forwarded verbatim)."""
         if self._stream is None or (generation is not None and generation != self.generation):
             return False
         stream = self._stream
         async with self._send_lock:
             try:
-                await stream.send(encode(message))
+                await stream.send(frame)
             except TransportError as exc:
                 log.info("control vchan send failed: %s", exc)
                 return False
@@ -131,6 +196,8 @@ class Agent:
                 listener.close()
             try:
                 await self._serve_connection(stream)
+            except DaemonProtocolViolation:
+                raise
             except (ProtocolError, TransportError) as exc:
                 log.warning("control vchan dropped: %s", exc)
             except Exception:
@@ -157,15 +224,27 @@ class Agent:
         self.connected.set()
         log.info("dom0 daemon connected, protocol version %d", version)
         self._notify_ready()
-        decoder = FrameDecoder(version, allowed=DAEMON_MESSAGE_TYPES)
+        buffer = bytearray()
         while data := await stream.recv(CONTROL_RECV_SIZE):
-            for message in decoder.feed(data):
+            buffer += data
+            while len(buffer) >= HEADER_SIZE:
+                msg_type, length = HEADER.unpack_from(buffer)
+                if length > MAX_CONTROL_PAYLOAD:
+                    raise DaemonProtocolViolation(
+                        f"message type {msg_type:#x} of {length} bytes is over the cap"
+                    )
+                if len(buffer) < HEADER_SIZE + length:
+                    break
+                payload = bytes(buffer[HEADER_SIZE : HEADER_SIZE + length])
+                del buffer[: HEADER_SIZE + length]
+                message = decode_daemon_message(msg_type, payload)
                 handler = self.handlers.get(message.msg_type)
                 if handler is None:
                     log.warning("ignoring %s: no handler in this agent", message.msg_type.name)
                     continue
                 await handler(message)
-        decoder.close()
+        if buffer:
+            log.warning("control vchan closed inside a message (%d bytes)", len(buffer))
 
     async def _start_call(self, message: Message) -> None:
         if not isinstance(message, ExecRequest):

@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qrexec.backends.base import BlockingStream
@@ -75,6 +76,9 @@ class CallerIO:
     close_stdout_at_eof: bool = True
     #: Set by :func:`run_caller` once it has closed ``stdout_fd``.
     stdout_closed: bool = False
+    #: Asked when the input hits EOF: a descriptor to go on reading from, or None to send
+    #: STDIN EOF (qrexec-client-vm's SIGUSR1 single-socket mode switches input this way).
+    next_input: Callable[[], int | None] | None = None
 
 
 def _is_socket(fd: int) -> bool:
@@ -125,8 +129,11 @@ class _InputSender:
                     data = os.read(fd, self.chunk)
                 except (ConnectionResetError, OSError) as exc:
                     log.debug("reading input: %s", exc)
-                    break
-                if not data or not self._send(data):
+                    data = b""
+                if not data:
+                    fd = self.io.next_input() if self.io.next_input is not None else None
+                    continue
+                if not self._send(data):
                     break
             self.send_eof()
         except TransportError as exc:

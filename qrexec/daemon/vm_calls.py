@@ -5,13 +5,15 @@ Installed by :mod:`.cli` (``install``) into the seams of :class:`~.core.Daemon`:
 **Triggers.** The control-channel decoder already lets through only the trigger types the
 negotiated version allows (v2: MSG_TRIGGER_SERVICE; v3: TRIGGER_SERVICE3; v4:
 TRIGGER_SERVICE3 *and* TRIGGER_SERVICE4, as upstream's daemon - an R4.2 agent behind an
-R4.3 dom0 keeps working); any other type is a protocol violation that drops the agent, as
-is a malformed layout (a service name without its NUL, an over-long name). Then, per
-§3.6: domain names and the service name are sanitised (each bad byte becomes ``_``, so a
-sanitised name simply fails to match policy) and a bad request id, an empty service name
-or one starting with ``+`` is refused at once with SERVICE_REFUSED, without asking the
-policy. A valid request takes a pending slot (:class:`~.pending.PendingRequests`, at most
-256 per VM; refused beyond, or when its ident is already pending).
+R4.3 dom0 keeps working); any other type, a wrong length or an over-long name is a
+protocol violation that drops the agent. Then, per §15.2: domain names and the service
+name are sanitised (each bad byte becomes ``_``, so a sanitised name simply fails to match
+policy; a full-length target or source loses its last byte) and a bad request id, a
+service name without its NUL or with a NUL before it, an empty one or one starting with
+``+`` is refused at once with SERVICE_REFUSED (the 32 request-id bytes as received),
+without asking the policy; the connection stays. A valid request takes a pending slot
+(:class:`~.pending.PendingRequests`, at most 256 per VM; refused beyond, or when its
+ident is already pending).
 
 **Policy.** :mod:`.policy_query` asks the policy daemon (falling back to the policy
 program); anything but a well-formed allow refuses the call (SERVICE_REFUSED; the caller
@@ -63,14 +65,13 @@ from qrexec.protocol.cmdline import (
     requested_target_fields,
 )
 from qrexec.protocol.constants import MsgType
-from qrexec.protocol.fields import TriggerRequest, validate_trigger
+from qrexec.protocol.fields import TriggerRequest, validate_trigger_frame
 from qrexec.protocol.messages import (
     Message,
+    RawFrame,
     ServiceConnect,
     ServiceRefused,
     TriggerService,
-    TriggerService3,
-    TriggerService4,
 )
 
 log = logging.getLogger(__name__)
@@ -135,14 +136,14 @@ class VmCalls:
 
     async def on_trigger(self, message: Message) -> None:
         """Validate, take a pending slot and start the call; never blocks the control loop."""
-        assert isinstance(message, TriggerService | TriggerService3 | TriggerService4)
+        assert isinstance(message, RawFrame | TriggerService)
         daemon = self.daemon
         name = daemon.config.name
         try:
-            request = validate_trigger(message)
+            request = validate_trigger_frame(message)
         except InvalidField as exc:
             log.warning("refusing a request from %s: %s", name, exc)
-            await daemon.send_to_agent(ServiceRefused(exc.ident or message.request_id))
+            await daemon.send_to_agent(ServiceRefused(exc.ident or b""))
             return
         entry = daemon.pending.add(request.ident)
         if entry is None:
@@ -354,6 +355,7 @@ class VmCalls:
             command,
             self.env,
             daemon.config.own_version,
+            daemon.config.name,
             hello_timeout=daemon.config.handshake_timeout,
             on_data_phase=streaming,
         )
