@@ -371,7 +371,8 @@ class SocketBackend:
         self, remote_domain: int, port: int, *, timeout: float | None = None
     ) -> SocketStream:
         path = self.client_path(remote_domain, port)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         delay = CONNECT_RETRY_FIRST
         while True:
             sock = connect_once(path)
@@ -387,7 +388,7 @@ class SocketBackend:
                 time.sleep(min(delay, remaining))
             else:
                 time.sleep(delay)
-            delay = next_retry_delay(delay)
+            delay = next_retry_delay(delay, time.monotonic() - started)
 
     async def listen_async(
         self,

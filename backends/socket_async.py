@@ -287,7 +287,8 @@ async def connect(
 ) -> AsyncSocketStream:
     """Connect to ``path``, retrying with back-off while no server takes the call."""
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
+    started = loop.time()
+    deadline = None if timeout is None else started + timeout
     delay = CONNECT_RETRY_FIRST
     while True:
         sock = connect_once(path)
@@ -303,4 +304,4 @@ async def connect(
             await asyncio.sleep(min(delay, remaining))
         else:
             await asyncio.sleep(delay)
-        delay = next_retry_delay(delay)
+        delay = next_retry_delay(delay, loop.time() - started)

@@ -25,6 +25,11 @@ CONNECT_RETRY_FIRST = 0.001
 CONNECT_RETRY_MAX = 0.05
 #: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
 RECV_CHUNK_MAX = 256 * 1024
+#: After this long without a server the wait is a long one (a caller that never listens,
+#: or a hostile peer naming unserved ports): back off further, to a cap of 1 s, so that
+#: hundreds of such waits cost next to no CPU.
+CONNECT_RETRY_SLOW_AFTER = 2.0
+CONNECT_RETRY_SLOW_MAX = 1.0
 #: Errors meaning "no server yet": no file, stale file / no listener, backlog full.
 RETRY_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
 
@@ -98,5 +103,7 @@ def connect_once(path: Path) -> socket.socket | None:
     return sock
 
 
-def next_retry_delay(delay: float) -> float:
-    return min(delay * 2, CONNECT_RETRY_MAX)
+def next_retry_delay(delay: float, waited: float = 0.0) -> float:
+    """The next pause of a connect retry loop that has waited ``waited`` seconds so far."""
+    cap = CONNECT_RETRY_MAX if waited < CONNECT_RETRY_SLOW_AFTER else CONNECT_RETRY_SLOW_MAX
+    return min(delay * 2, cap)

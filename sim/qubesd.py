@@ -17,6 +17,7 @@ Run as ``python -m qrexec.sim.qubesd --run-dir DIR`` (``qrexec-sim up`` does tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,15 +26,21 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
+from qrexec.listening import ACCEPT_PAUSE, RESOURCE_ERRNOS, RateLimitedWarning, listen_backlog
 from qrexec.sim.rundir import DomainState
 from qrexec.sim.testbed import Testbed, TestbedError
 
 log = logging.getLogger("qrexec.sim.qubesd")
 
 MAX_REQUEST = 65536
+#: A caller has this long to send its whole request (qrexec-daemon sends it at once).
+REQUEST_TIMEOUT = 10.0
+#: Most callers without a complete request at once.
+MAX_IDLE_CALLERS = 64
 METHODS = ("admin.vm.Start", "admin.vm.CreateDisposable", "admin.vm.Kill")
 
 
@@ -168,11 +175,20 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         data = b""
-        while len(data) <= MAX_REQUEST:
-            chunk = self.connection.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        self.connection.settimeout(self.server.request_timeout)
+        try:
+            while len(data) <= MAX_REQUEST:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            log.info("dropping a caller before its request was complete: %s", exc or "timeout")
+            return
+        finally:
+            dropped = not self.server.request_complete(self.connection)
+        if dropped:
+            return
         try:
             if len(data) > MAX_REQUEST:
                 raise AdminError("ProtocolError", f"request longer than {MAX_REQUEST} bytes")
@@ -191,11 +207,75 @@ class _Handler(socketserver.StreamRequestHandler):
 
 
 class AdminServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Thread per caller, guarded as our other listeners are (:mod:`qrexec.listening`):
+    a read deadline, at most ``max_idle`` callers without a complete request (the oldest
+    is dropped for a newcomer), a pause with one rate-limited warning when accepting runs
+    out of descriptors, and the kernel's full backlog."""
+
     daemon_threads = True
 
-    def __init__(self, path: str, api: AdminApi) -> None:
+    def __init__(
+        self,
+        path: str,
+        api: AdminApi,
+        *,
+        max_idle: int = MAX_IDLE_CALLERS,
+        request_timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         self.api = api
+        self.max_idle = max_idle
+        self.request_timeout = request_timeout
+        self.request_queue_size = listen_backlog()
+        self._idle: dict[socket.socket, None] = {}
+        self._dropped: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._exhausted = RateLimitedWarning(log)
+        self._drops = RateLimitedWarning(log)
         super().__init__(path, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # Counted here, in accept order (handler threads start in any order).
+        self.track_idle(request)
+        super().process_request(request, client_address)
+
+    def track_idle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._idle[conn] = None
+            if len(self._idle) > self.max_idle:
+                self._drop_oldest_locked()
+
+    def request_complete(self, conn: socket.socket) -> bool:
+        """Leave the idle set; False when the connection was dropped meanwhile."""
+        with self._lock:
+            self._idle.pop(conn, None)
+            if conn in self._dropped:
+                self._dropped.discard(conn)
+                return False
+            return True
+
+    def _drop_oldest_locked(self) -> None:
+        if not self._idle:
+            return
+        oldest = next(iter(self._idle))
+        del self._idle[oldest]
+        self._dropped.add(oldest)
+        self._drops.warning("dropping the oldest caller without a request (%d idle)", self.max_idle)
+        # Its handler's recv returns at once; the handler then ends without answering.
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                self._exhausted.warning(
+                    "cannot accept (%s); pausing %.1f s", exc.strerror, ACCEPT_PAUSE
+                )
+                with self._lock:
+                    self._drop_oldest_locked()
+                time.sleep(ACCEPT_PAUSE)
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:

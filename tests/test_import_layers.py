@@ -32,6 +32,7 @@ SHARED = frozenset(
         "qrexec.unix_address",
         "qrexec.trace",
         "qrexec.pipe_buffers",
+        "qrexec.listening",
     }
 )
 

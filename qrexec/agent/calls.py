@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qrexec.backends.base import AsyncStream, Backend
@@ -55,7 +56,8 @@ from qrexec.services.users import DEFAULT_PAM_SERVICE, resolve_user
 
 log = logging.getLogger(__name__)
 
-#: The agent waits this long for the caller's data vchan server (spec §3.5).
+#: The agent waits this long for the caller's data vchan server (spec §3.5), and as long
+#: again for its HELLO (a handshake step; the data phase after it has no deadline).
 DATA_CONNECT_TIMEOUT = 120.0
 WAIT_FOR_SESSION_SERVICE = "qubes.WaitForSession"
 
@@ -104,8 +106,14 @@ class CallRunner:
         #: Only one qubes.WaitForSession runs at a time (spec §7).
         self._session_lock = asyncio.Lock()
 
-    async def run(self, request: ExecRequest) -> None:
-        """Run one call; never raises except on cancellation."""
+    async def run(
+        self, request: ExecRequest, *, on_data_phase: Callable[[], None] | None = None
+    ) -> None:
+        """Run one call; never raises except on cancellation.
+
+        ``on_data_phase`` is called once both HELLOs are through: from then on the call
+        runs to its end even if the control connection goes away.
+        """
         where = f"domain {request.connect_domain} port {request.connect_port}"
         prepared = await self.prepare(request.command)
         if prepared.error is not None:
@@ -120,7 +128,7 @@ class CallRunner:
             log.warning("cannot connect the data vchan to %s: %s", where, exc)
             return
         try:
-            await self._serve(stream, request, prepared)
+            await self._serve(stream, request, prepared, on_data_phase)
         except (ProtocolError, TransportError, OSError) as exc:
             log.warning("call on %s ended: %s", where, exc)
         finally:
@@ -207,15 +215,26 @@ class CallRunner:
             log.info("%s for %s exited with %d", WAIT_FOR_SESSION_SERVICE, user, code)
 
     async def _serve(
-        self, stream: AsyncStream, request: ExecRequest, prepared: PreparedCall
+        self,
+        stream: AsyncStream,
+        request: ExecRequest,
+        prepared: PreparedCall,
+        on_data_phase: Callable[[], None] | None = None,
     ) -> None:
-        version = await relay.handshake(stream, self.settings.own_version)
+        timeout = self.settings.data_connect_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                version = await relay.handshake(stream, self.settings.own_version)
+        except TimeoutError:
+            raise TransportError(f"no HELLO on the data vchan within {timeout:g} s") from None
+        if on_data_phase is not None:
+            on_data_phase()
         channel = relay.DataChannel(stream, version)
         if prepared.error is not None:
             if request.msg_type is MsgType.JUST_EXEC:
                 await channel.send_exit(prepared.error_code)
             else:
-                await channel.finish_early(prepared.error_code)
+                await channel.finish_early(prepared.error_code, stdout_first=True)
             return
         if request.msg_type is MsgType.JUST_EXEC:
             await self._just_exec(channel, prepared)
@@ -227,9 +246,13 @@ class CallRunner:
         log.info("call on port %d finished with %s", request.connect_port, code)
 
     async def _just_exec(self, channel: relay.DataChannel, prepared: PreparedCall) -> None:
-        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start)."""
+        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start).
+
+        A socket service is connected and gets its descriptor, then the exit code 0 goes
+        out and the socket is closed unread (spec §15.5).
+        """
         if prepared.spec is None:
-            await channel.send_exit(ExitCode.PROBLEM)
+            await channel.send_exit(await self._just_connect(prepared))
             return
         try:
             proc = await start_process(
@@ -245,6 +268,23 @@ class CallRunner:
         relay.reap_in_background(proc)
         await channel.send_exit(ExitCode.OK)
 
+    async def _just_connect(self, prepared: PreparedCall) -> int:
+        """Connect a socket service, write its descriptor and close it: 0, or 125."""
+        target, rpc, config = prepared.target, prepared.rpc, prepared.config
+        assert target is not None and rpc is not None
+        try:
+            sock = await connect_service_socket(target)
+        except ServiceError as exc:
+            log.warning("%s", exc)
+            return ExitCode.PROBLEM
+        with sock:
+            if config.skip_service_descriptor or await relay.write_fd(
+                sock.fileno(), rpc.descriptor
+            ):
+                return ExitCode.OK
+        log.warning("socket service %s closed before taking its descriptor", target.path)
+        return ExitCode.PROBLEM
+
     async def _run_process(self, channel: relay.DataChannel, spec: ProcessSpec) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stdout_r, stdout_w = os.pipe()
@@ -254,13 +294,16 @@ class CallRunner:
                 spec, stdin=theirs.fileno(), stdout=stdout_w, stderr=stderr_w
             )
         except ServiceError as exc:
+            # Upstream's forked child fails its execve: the call itself had started, and
+            # the child's status is 127 for ENOENT (say, a missing interpreter), else 125.
             log.warning("%s", exc)
             for fd in (stdout_r, stdout_w, stderr_r, stderr_w):
                 os.close(fd)
             ours.close()
             theirs.close()
-            await channel.finish_early(ExitCode.PROBLEM)
-            return ExitCode.PROBLEM
+            code = exec_failure_code(exc)
+            await channel.finish_early(code, stdout_first=True)
+            return code
         theirs.close()
         os.close(stdout_w)
         os.close(stderr_w)
@@ -273,13 +316,13 @@ class CallRunner:
             sock = await connect_service_socket(target)
         except ServiceError as exc:
             log.warning("%s", exc)
-            await channel.finish_early(ExitCode.PROBLEM)
+            await channel.finish_early(ExitCode.PROBLEM, stdout_first=True)
             return ExitCode.PROBLEM
         if not config.skip_service_descriptor and not await relay.write_fd(
             sock.fileno(), rpc.descriptor
         ):
             sock.close()
-            await channel.finish_early(ExitCode.PROBLEM)
+            await channel.finish_early(ExitCode.PROBLEM, stdout_first=True)
             return ExitCode.PROBLEM
         return await relay.relay_socket(
             channel,
@@ -298,6 +341,18 @@ async def start_process(
             spec, spec.run_as.pam_service, stdin=stdin, stdout=stdout, stderr=stderr
         )
     return spawn(spec, stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+def exec_failure_code(exc: ServiceError) -> int:
+    """127 when starting the program failed with ENOENT, else 125 (spec §15.6).
+
+    :func:`~qrexec.agent.launch.spawn` raises ServiceError ``from None``; the OSError it
+    replaced stays in ``__context__``.
+    """
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.errno == errno.ENOENT:
+        return ExitCode.SERVICE_NOT_FOUND
+    return ExitCode.PROBLEM
 
 
 def check_executable(program: str) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -29,7 +28,7 @@ import signal
 import sys
 
 from qrexec.agent.calls import AgentSettings
-from qrexec.agent.control import Agent
+from qrexec.agent.control import EXIT_PROTOCOL_VIOLATION, Agent, DaemonProtocolViolation
 from qrexec.backends.select import load_backend
 from qrexec.errors import QrexecError
 from qrexec.services.lookup import (
@@ -99,7 +98,8 @@ def settings_from(args: argparse.Namespace) -> AgentSettings:
     )
 
 
-async def run_agent(agent: Agent) -> None:
+async def run_agent(agent: Agent) -> int:
+    """Serve until SIGTERM/SIGINT (0) or a daemon's protocol violation (spec §15.7)."""
     loop = asyncio.get_running_loop()
     ignore_sigusr1(loop)
     serving = asyncio.ensure_future(agent.serve_forever())
@@ -113,9 +113,16 @@ async def run_agent(agent: Agent) -> None:
         log.info("no VM-initiated call support installed (%s)", TRIGGER_EXTENSION)
     else:
         await extension.install(agent)
-    with contextlib.suppress(asyncio.CancelledError):
+    status = 0
+    try:
         await serving
+    except asyncio.CancelledError:
+        pass
+    except DaemonProtocolViolation as exc:
+        log.error("dom0's daemon broke the control protocol: %s; exiting", exc)
+        status = EXIT_PROTOCOL_VIOLATION
     await agent.shutdown()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         ":".join(settings.service_path),
     )
     agent = Agent(backend, settings, agent_socket=agent_socket)
-    asyncio.run(run_agent(agent))
-    return 0
+    return asyncio.run(run_agent(agent))
 
 
 if __name__ == "__main__":

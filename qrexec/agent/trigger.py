@@ -1,22 +1,27 @@
 """The agent's trigger socket: VM-initiated calls from ``qrexec-client-vm`` (spec §4(ii)).
 
 Each client of the trigger socket (``-a``/``QREXEC_AGENT_SOCKET``, a host path as given;
-default ``/var/run/qubes/qrexec-agent``) sends one trigger and no HELLO:
-TRIGGER_SERVICE4 (R4.3+ clients), TRIGGER_SERVICE3 (R4.2) or the fixed-size v2
-MSG_TRIGGER_SERVICE. Its request id is replaced by ``SOCKET<fd>`` - our own descriptor
-number for that client, unique while we hold it - and the trigger is **converted to what
-the control channel negotiated**: TRIGGER_SERVICE4 for v4, TRIGGER_SERVICE3 for v3 (the
-source qube is dropped), the fixed 128-byte MSG_TRIGGER_SERVICE for v2. A request that
-does not fit v2's fields (service name over 63 bytes, target over 31) cannot be expressed
-and is refused locally: the client socket is closed, which the client reports as
-"Request refused".
+default ``/var/run/qubes/qrexec-agent``) sends one trigger and no HELLO. As upstream's
+agent (spec §15.7), only MSG_TRIGGER_SERVICE4 with ``160 < len <= 65160`` is taken;
+anything else closes the client, which reports "Request refused". Nothing else in the
+payload is checked here (dom0's daemon validates and refuses): the request id field starts
+with ``SOCKET<fd>`` + NUL - our own descriptor number for that client, unique while we
+hold it - and its later bytes stay as sent. The payload goes to dom0 byte for byte when
+the control channel negotiated v4; for v3 it becomes TRIGGER_SERVICE3 (the source field
+dropped, every other byte kept), for v2 the fixed 128-byte MSG_TRIGGER_SERVICE, which
+needs fields that fit (service name up to 63 bytes, target up to 31); a request v2
+cannot carry closes the client.
 
 dom0 answers on the control channel with the ident:
 
-* SERVICE_CONNECT ``{domain, port}``: the bare 8-byte exec_params go to that client, which
-  becomes the vchan server of ``(domain, port)``. We then wait for the client to close its
-  socket and send CONNECTION_TERMINATED ``(domain, port)``, on the control connection the
-  request went out on (a restarted daemon must not free a port a new call holds).
+* SERVICE_CONNECT ``{domain, port}``: the ident must start ``SOCKET<n>`` (``SOCKET012``
+  and ``SOCKET12x`` name descriptor 12, as upstream reads them); the first 8
+  payload bytes go to the client holding descriptor n, which becomes the vchan server of
+  ``(domain, port)``. We then wait for the client to close its socket and send
+  CONNECTION_TERMINATED ``(domain, port)``, on the control connection the request went
+  out on (a restarted daemon must not free a port a new call holds). Any other ident, or
+  one naming no waiting client (a second SERVICE_CONNECT included), is ignored (no
+  CONNECTION_TERMINATED), as upstream ignores a bad ident or EBADF.
 * SERVICE_REFUSED: the client socket is closed.
 
 A client that goes away before the answer keeps its descriptor (and so its ident) until
@@ -24,7 +29,10 @@ the answer arrives, so an ident is never reused while dom0 may still answer it; 
 SERVICE_CONNECT for it is terminated at once. When the control connection drops, every
 waiting client is refused. A malformed trigger, or none within
 :data:`TRIGGER_READ_TIMEOUT`, closes that client only; more than :data:`MAX_WAITING`
-waiting clients are refused at once.
+waiting clients are refused at once. At most :data:`MAX_IDLE_CLIENTS` clients may be
+connected without having sent their trigger; beyond that the oldest is dropped, and running
+out of descriptors pauses accepting (:mod:`qrexec.listening`); bad clients are logged once
+a minute, not once each.
 
 asyncio only; the control channel itself is :mod:`.control`'s.
 """
@@ -36,24 +44,38 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from qrexec.errors import InvalidField, ProtocolError
-from qrexec.protocol.constants import HEADER_SIZE, IDENT_SIZE, MAX_PROTOCOL_VERSION, MsgType
-from qrexec.protocol.fields import Trigger, convert_trigger, fixed_field_value
-from qrexec.protocol.framing import check_header
+from qrexec.errors import InvalidField, ProtocolError, QrexecError
+from qrexec.listening import (
+    GuardedServer,
+    RateLimitedWarning,
+    listen_backlog,
+    request_complete,
+)
+from qrexec.protocol.constants import (
+    HEADER_SIZE,
+    IDENT_SIZE,
+    MAX_SERVICE_NAME_LEN,
+    PROTOCOL_V3,
+    PROTOCOL_V4,
+    V3_TARGET_DOMAIN_SIZE,
+    V4_SOURCE_DOMAIN_SIZE,
+    MsgType,
+)
+from qrexec.protocol.fields import convert_trigger, fixed_field_value
 from qrexec.protocol.messages import (
+    EXEC_PARAMS,
     HEADER,
     ConnectionTerminated,
-    ExecParams,
     Message,
     ServiceConnect,
     ServiceRefused,
-    TriggerService,
-    TriggerService3,
     TriggerService4,
-    decode_payload,
+    encode,
 )
 from qrexec.unix_address import unix_address
 
@@ -62,13 +84,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRIGGER_TYPES = frozenset(
-    {MsgType.TRIGGER_SERVICE, MsgType.TRIGGER_SERVICE3, MsgType.TRIGGER_SERVICE4}
-)
+#: Layout of the TRIGGER_SERVICE4 payload: source[64], target[64], request_id[32], name.
+TARGET_OFFSET = V4_SOURCE_DOMAIN_SIZE
+IDENT_OFFSET = TARGET_OFFSET + V3_TARGET_DOMAIN_SIZE
+NAME_OFFSET = IDENT_OFFSET + IDENT_SIZE
+#: What the trigger socket accepts (spec §15.7): 160 < len <= 160 + 65000.
+MAX_TRIGGER_PAYLOAD = NAME_OFFSET + MAX_SERVICE_NAME_LEN
 #: A client must send its whole trigger this soon after connecting.
 TRIGGER_READ_TIMEOUT = 10.0
 #: Most clients waiting for dom0's answer at once (dom0 keeps at most 256 pending).
 MAX_WAITING = 512
+#: Most connected clients that have not sent their whole trigger yet; the oldest is
+#: dropped beyond it (any user of the VM may connect, see :mod:`qrexec.listening`).
+MAX_IDLE_CLIENTS = 256
+#: Environment overrides of the two limits above (tests; odd deployments).
+ENV_READ_TIMEOUT = "QREXEC_AGENT_TRIGGER_TIMEOUT"
+ENV_MAX_IDLE = "QREXEC_AGENT_MAX_IDLE_CLIENTS"
 IDENT_PREFIX = "SOCKET"
 #: Where upstream's agent listens (spec §1).
 DEFAULT_AGENT_SOCKET = "/var/run/qubes/qrexec-agent"
@@ -105,16 +136,68 @@ def bind_unix(path: str) -> socket.socket:
             sock.bind(address)
         # Any user of the VM may call qrexec-client-vm (upstream creates it 0666).
         os.chmod(path, 0o666)
-        sock.listen(128)
+        sock.listen(listen_backlog())
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def with_ident(message: Trigger, ident: str) -> Trigger:
-    """``message`` with its request id replaced (any layout)."""
-    return dataclasses.replace(message, request_id=ident.encode("ascii"))
+class TriggerRejected(QrexecError):
+    """A trigger-socket client sent something other than an acceptable TRIGGER_SERVICE4."""
+
+
+def check_trigger_header(header: bytes) -> int:
+    """The payload length of an acceptable trigger header; TriggerRejected otherwise."""
+    msg_type, length = HEADER.unpack(header)
+    if msg_type != MsgType.TRIGGER_SERVICE4:
+        raise TriggerRejected(f"message type {msg_type:#x} is not TRIGGER_SERVICE4")
+    if not NAME_OFFSET < length <= MAX_TRIGGER_PAYLOAD:
+        raise TriggerRejected(
+            f"TRIGGER_SERVICE4 of {length} bytes (needs {NAME_OFFSET + 1}..{MAX_TRIGGER_PAYLOAD})"
+        )
+    return int(length)
+
+
+def with_ident(payload: bytes, ident: str) -> bytes:
+    """The TRIGGER_SERVICE4 payload with ``ident`` + NUL at the start of its request id
+    field; the field's later bytes, and every other byte, stay as sent."""
+    raw = ident.encode("ascii") + b"\0"
+    return payload[:IDENT_OFFSET] + raw + payload[IDENT_OFFSET + len(raw) :]
+
+
+def forward_frame(payload: bytes, version: int) -> bytes:
+    """The frame to send dom0 for a TRIGGER_SERVICE4 ``payload`` (ident already set).
+
+    v4: as is. v3: TRIGGER_SERVICE3, the same bytes without the source field. v2: the
+    fixed MSG_TRIGGER_SERVICE (:class:`InvalidField` when the fields do not fit).
+    """
+    if version >= PROTOCOL_V4:
+        return HEADER.pack(MsgType.TRIGGER_SERVICE4, len(payload)) + payload
+    if version == PROTOCOL_V3:
+        rest = payload[TARGET_OFFSET:]
+        return HEADER.pack(MsgType.TRIGGER_SERVICE3, len(rest)) + rest
+    fields = TriggerService4(
+        source_domain=fixed_field_value(payload[:TARGET_OFFSET]),
+        target_domain=fixed_field_value(payload[TARGET_OFFSET:IDENT_OFFSET]),
+        request_id=fixed_field_value(payload[IDENT_OFFSET:NAME_OFFSET]),
+        service_name=payload[NAME_OFFSET:].split(b"\0", 1)[0],
+    )
+    return encode(convert_trigger(fields, version))
+
+
+#: ``SOCKET`` then a C-style decimal number; what follows the digits is ignored, as
+#: upstream's agent reads it.
+_SOCKET_IDENT = re.compile(rb"SOCKET[ \t\n\v\f\r]*([+-]?[0-9]{1,10})")
+
+
+def parse_socket_ident(raw: bytes) -> int | None:
+    """The descriptor number of a ``SOCKET<n>`` ident (up to its first NUL), else None."""
+    match = _SOCKET_IDENT.match(raw.split(b"\0", 1)[0])
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return number if number >= 0 else None
 
 
 class TriggerSocket:
@@ -125,7 +208,12 @@ class TriggerSocket:
         self.path = path
         #: The agent's registry of clients waiting for dom0, by ident (Waiter values).
         self.waiting: dict[str, Waiter] = agent.client_requests
-        self._server: asyncio.AbstractServer | None = None
+        self._server: GuardedServer | None = None
+        env = agent.settings.env
+        self.read_timeout = _env_positive(env, ENV_READ_TIMEOUT, TRIGGER_READ_TIMEOUT)
+        self.max_idle = int(_env_positive(env, ENV_MAX_IDLE, MAX_IDLE_CLIENTS))
+        #: Any user of the VM can open clients that say nothing: one line per minute.
+        self._bad_client = RateLimitedWarning(log)
 
     async def start(self) -> None:
         parent = os.path.dirname(self.path)
@@ -133,7 +221,13 @@ class TriggerSocket:
         # explicitly configured socket (an emulated domain's root) gets its folder made.
         if parent and self.path != DEFAULT_AGENT_SOCKET:
             os.makedirs(parent, exist_ok=True)
-        self._server = await asyncio.start_unix_server(self._serve, sock=bind_unix(self.path))
+        self._server = GuardedServer(
+            bind_unix(self.path),
+            self._serve,
+            what=f"trigger socket {self.path}",
+            max_idle=self.max_idle,
+        )
+        self._server.start()
         # As upstream: any user of the VM may run qrexec-client-vm.
         os.chmod(self.path, 0o666)
         self.agent.register_handler(MsgType.SERVICE_CONNECT, self._on_service_connect)
@@ -154,13 +248,13 @@ class TriggerSocket:
         return fixed_field_value(raw, IDENT_SIZE).decode("ascii", "replace")
 
     async def _on_service_connect(self, message: Message) -> None:
-        if not isinstance(message, ServiceConnect):
-            log.warning("SERVICE_CONNECT without a request id from dom0; ignored")
-            return
-        waiter = self.waiting.pop(self._ident_of(message.ident), None)
+        assert isinstance(message, ServiceConnect)
+        number = parse_socket_ident(message.ident)
+        waiter = None if number is None else self.waiting.pop(f"{IDENT_PREFIX}{number}", None)
         if waiter is None:
             log.warning(
-                "SERVICE_CONNECT for unknown request %r; ignored", self._ident_of(message.ident)
+                "SERVICE_CONNECT for %r, which names no waiting client; ignored",
+                self._ident_of(message.ident),
             )
             return
         waiter.resolve((message.connect_domain, message.connect_port))
@@ -184,13 +278,10 @@ class TriggerSocket:
 
     # ---- one client ----
 
-    async def _read_trigger(self, reader: asyncio.StreamReader) -> Trigger:
-        header = await reader.readexactly(HEADER_SIZE)
-        msg_type, length = HEADER.unpack(header)
-        kind = check_header(msg_type, length, MAX_PROTOCOL_VERSION, allowed=TRIGGER_TYPES)
-        message = decode_payload(kind, await reader.readexactly(length))
-        assert isinstance(message, TriggerService | TriggerService3 | TriggerService4)
-        return message
+    async def _read_trigger(self, reader: asyncio.StreamReader) -> bytes:
+        """The payload of the client's TRIGGER_SERVICE4 (TriggerRejected otherwise)."""
+        length = check_trigger_header(await reader.readexactly(HEADER_SIZE))
+        return await reader.readexactly(length)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
@@ -200,19 +291,28 @@ class TriggerSocket:
                 log.warning("refusing a call: %d requests already wait for dom0", MAX_WAITING)
                 return
             try:
-                async with asyncio.timeout(TRIGGER_READ_TIMEOUT):
-                    message = await self._read_trigger(reader)
-            except (ProtocolError, asyncio.IncompleteReadError, TimeoutError, OSError) as exc:
-                log.warning("dropping a trigger-socket client: %s", exc or "no trigger in time")
+                async with asyncio.timeout(self.read_timeout):
+                    payload = await self._read_trigger(reader)
+            except (
+                TriggerRejected,
+                ProtocolError,
+                asyncio.IncompleteReadError,
+                TimeoutError,
+                OSError,
+            ) as exc:
+                self._bad_client.warning(
+                    "dropping a trigger-socket client: %s", exc or "no trigger in time"
+                )
                 return
-            await self._forward_and_wait(ident, message, reader, writer)
+            request_complete()
+            await self._forward_and_wait(ident, with_ident(payload, ident), reader, writer)
         finally:
             writer.close()
 
     async def _forward_and_wait(
         self,
         ident: str,
-        message: Trigger,
+        payload: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
@@ -222,7 +322,7 @@ class TriggerSocket:
             log.warning("refusing a call: dom0's daemon is not connected")
             return
         try:
-            forward = convert_trigger(with_ident(message, ident), version)
+            frame = forward_frame(payload, version)
         except InvalidField as exc:
             log.warning("refusing a call that protocol version %d cannot carry: %s", version, exc)
             return
@@ -230,11 +330,11 @@ class TriggerSocket:
             ident, writer, reader, generation, asyncio.get_running_loop().create_future()
         )
         self.waiting[ident] = waiter
-        if not await agent.send_control(forward, generation):
+        if not await agent.send_control_raw(frame, generation):
             self.waiting.pop(ident, None)
             log.warning("refusing a call: the control channel is gone")
             return
-        log.debug("forwarded %s as %s", ident, forward.msg_type.name)
+        log.debug("forwarded %s (protocol version %d)", ident, version)
         try:
             answer = await waiter.answer
         finally:
@@ -245,7 +345,7 @@ class TriggerSocket:
             return
         domain, port = answer
         try:
-            writer.write(ExecParams(MsgType.SERVICE_CONNECT, domain, port).payload())
+            writer.write(EXEC_PARAMS.pack(domain, port))
             await writer.drain()
             # The client holds the socket for the whole call; its end is the call's end.
             while await reader.read(DRAIN_SIZE):
@@ -255,6 +355,20 @@ class TriggerSocket:
         finally:
             await agent.send_control(ConnectionTerminated(domain, port), generation)
             log.debug("call %s (domain %d port %d) terminated", ident, domain, port)
+
+
+def _env_positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value > 0:
+        return value
+    log.warning("ignoring %s=%r: not a positive number", name, raw)
+    return default
 
 
 async def install(agent: Agent) -> None:

@@ -21,6 +21,7 @@ import socket
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from qrexec.backends.base import BlockingStream
@@ -79,6 +80,9 @@ class CallerIO:
     close_stdout_at_eof: bool = True
     #: Set by :func:`run_caller` once it has closed ``stdout_fd``.
     stdout_closed: bool = False
+    #: Asked when the input hits EOF: a descriptor to go on reading from, or None to send
+    #: STDIN EOF (qrexec-client-vm's SIGUSR1 single-socket mode switches input this way).
+    next_input: Callable[[], int | None] | None = None
 
 
 def _is_socket(fd: int) -> bool:
@@ -146,7 +150,9 @@ class _InputSender:
                 if not self._send(prefix[offset : offset + self.chunk]):
                     return
             fd = self.io.stdin_fd
-            if fd is not None and self._splice_input(fd):
+            # Splicing reads a pipe to its end; with a next input to switch to (SIGUSR1
+            # single-socket mode) the input is read by hand.
+            if fd is not None and self.io.next_input is None and self._splice_input(fd):
                 self.send_eof()
                 return
             # Input is read straight into frames (several per read) and sent as they are.
@@ -156,8 +162,11 @@ class _InputSender:
                     count = os.readv(fd, framer.payloads)
                 except (ConnectionResetError, OSError) as exc:
                     log.debug("reading input: %s", exc)
-                    break
-                if not count or not self._send_frames(framer.frames(count)):
+                    count = 0
+                if not count:
+                    fd = self.io.next_input() if self.io.next_input is not None else None
+                    continue
+                if not self._send_frames(framer.frames(count)):
                     break
             self.send_eof()
         except TransportError as exc:

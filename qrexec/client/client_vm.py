@@ -1,9 +1,9 @@
 """``qrexec-client-vm``: call a service in another domain from a VM (spec §4(ii)-(v), §8).
 
 Flow: connect to the agent's trigger socket (``-a``, env ``QREXEC_AGENT_SOCKET``, default
-``/var/run/qubes/qrexec-agent``) and send one TRIGGER_SERVICE4 (TRIGGER_SERVICE3 when
-``QREXEC_PROTOCOL_VERSION`` caps us at 3 or 2, as an R4.2 client would) with request id
-``SOCKET``; the agent puts its own id in and forwards it to dom0, whose policy decides.
+``/var/run/qubes/qrexec-agent``) and send one TRIGGER_SERVICE4 (as R4.3's client does,
+whatever ``QREXEC_PROTOCOL_VERSION`` caps the data vchan at) with request id ``SOCKET``;
+the agent puts its own id in and forwards it to dom0, whose policy decides.
 The agent then either writes the bare 8-byte exec_params ``{remote domain, port}`` - the
 call is allowed - or closes the socket: "Request refused", exit 126. Allowed: become the
 vchan **server** of ``(remote domain, port)`` with ``--buffer-size`` rings, exchange
@@ -11,12 +11,12 @@ HELLOs and run the caller's side of the data phase (:mod:`.caller`). The trigger
 stays open for the whole call: closing it is how the agent learns the call is over
 (it then sends CONNECTION_TERMINATED).
 
-With a LOCAL_PROGRAM, the program's stdout feeds the service's stdin and the service's
-stdout feeds the program's stdin; the service's stderr goes to our stderr. The program
-gets ``SAVED_FD_0``/``SAVED_FD_1`` naming copies of our original stdin/stdout (and
-``SAVED_FD_2`` when ``PASS_LOCAL_STDERR`` is set; its stderr is ours either way). It is
-started only once the call is connected, so a refused call runs nothing locally. Exit
-code: the remote code when non-zero, else the program's (spec §4(v)).
+With a LOCAL_PROGRAM (:mod:`.client_vm_local`, spec §15.4), the program is started as
+soon as the agent answers, before the data vchan exists, with its stdin and stdout on
+socketpairs: its stdout feeds the service's stdin, the service's stdout feeds its stdin,
+the service's stderr goes to our stderr. It gets ``QREXEC_AGENT_PID`` (our pid; SIGUSR1
+switches to single-socket mode) and ``SAVED_FD_*``. Exit code: the remote code when
+non-zero, else the program's; 255 when the vchan closed without an exit code.
 
 **Emulated domains** (several VMs on one host, the testbed): when ``QREXEC_DOMAIN_ROOT``
 is set and an absolute LOCAL_PROGRAM exists under that root, the file under the root is
@@ -25,7 +25,7 @@ same rule the agent applies to the program named by a 2011 service file. A path 
 not exist under the root is run as given (``/bin/sh`` stays the host's).
 
 Exit codes: remote (or local) code; 126 refused; 125 any qrexec problem (no agent, broken
-protocol, no data connection); 1 the local program cannot start; 2 usage errors.
+protocol, no data connection); 255 the local program cannot be executed; 2 usage errors.
 
 Runs once per call: blocking, imports lazily, never imports asyncio. Also runs as
 ``python -m qrexec.client.client_vm``.
@@ -39,14 +39,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from qrexec.lazy_logging import configure, get_logger
-from qrexec.protocol.constants import SIGNAL_EXIT_BASE, ExitCode
+from qrexec.protocol.constants import ExitCode
 
 if TYPE_CHECKING:
     import socket
-    import subprocess
 
     from qrexec.backends.base import Backend, BlockingStream
     from qrexec.client.client_vm_args import ClientVmOptions
+    from qrexec.client.client_vm_local import LocalProgram
 
 log = get_logger("qrexec.client_vm")
 
@@ -54,11 +54,11 @@ DOMAIN_ROOT_ENV = "QREXEC_DOMAIN_ROOT"
 #: How long we wait for the target's agent to connect the data vchan. The agent itself
 #: gives up after 120 s (spec §3.5); a little more here so it always goes first.
 DATA_ACCEPT_TIMEOUT = 125.0
-#: Local error (spec §8): the local program could not be started.
-EXIT_LOCAL_ERROR = 1
 #: Usage error.
 EXIT_USAGE = 2
 REQUEST_ID = b"SOCKET"
+#: Target and source fields hold 64 bytes with their NUL.
+DOMAIN_FIELD_MAX = 63
 
 
 class CallRefused(Exception):
@@ -76,28 +76,30 @@ def resolve_local_program(program: Sequence[str], env: Mapping[str, str]) -> lis
     return argv
 
 
-def build_trigger(options: ClientVmOptions, version: int) -> bytes:
-    """The trigger frame for the agent: TRIGGER_SERVICE4, or 3 below protocol version 4."""
-    from qrexec.protocol.constants import PROTOCOL_V4
-    from qrexec.protocol.messages import TriggerService3, TriggerService4, encode
+def build_trigger(options: ClientVmOptions) -> bytes:
+    """The TRIGGER_SERVICE4 frame for the agent (R4.3 sends this one type, spec §15.7).
 
-    target = options.target.encode("utf-8", "surrogateescape")
-    service = options.service.encode("utf-8", "surrogateescape")
-    if version >= PROTOCOL_V4:
-        return encode(
-            TriggerService4(
-                source_domain=options.source_qube.encode("utf-8", "surrogateescape"),
-                target_domain=target,
-                request_id=REQUEST_ID,
-                service_name=service,
-            )
-        )
+    TARGET and ``--source-qube`` are silently cut to 63 bytes, as upstream's client does;
+    the agent converts the trigger to what its control channel negotiated.
+    """
+    from qrexec.protocol.messages import TriggerService4, encode
+
     return encode(
-        TriggerService3(target_domain=target, request_id=REQUEST_ID, service_name=service)
+        TriggerService4(
+            source_domain=_field(options.source_qube),
+            target_domain=_field(options.target),
+            request_id=REQUEST_ID,
+            service_name=options.service.encode("utf-8", "surrogateescape"),
+        )
     )
 
 
-def request_call(options: ClientVmOptions, version: int) -> tuple[socket.socket, int, int]:
+def _field(value: str) -> bytes:
+    """A domain-name field's value: at most 63 bytes, leaving room for the NUL."""
+    return value.encode("utf-8", "surrogateescape")[:DOMAIN_FIELD_MAX]
+
+
+def request_call(options: ClientVmOptions) -> tuple[socket.socket, int, int]:
     """Ask the agent for the call; the open trigger socket and ``(domain, port)``.
 
     Raises :class:`CallRefused` when the agent closes the socket instead of answering.
@@ -116,7 +118,7 @@ def request_call(options: ClientVmOptions, version: int) -> tuple[socket.socket,
                 f"cannot connect to the qrexec agent at {options.agent_socket}: {exc}"
             ) from None
         try:
-            sock.sendall(build_trigger(options, version))
+            sock.sendall(build_trigger(options))
             params = read_exec_params(sock.recv)
         except (ConnectionResetError, BrokenPipeError):
             params = None
@@ -129,70 +131,16 @@ def request_call(options: ClientVmOptions, version: int) -> tuple[socket.socket,
     return sock, params[0], params[1]
 
 
-def save_std_fds(env: Mapping[str, str]) -> list[int]:
-    """Copies of our stdin and stdout (and stderr with ``PASS_LOCAL_STDERR``) for the
-    local program's ``SAVED_FD_*``.
-
-    Taken first thing, while the lowest descriptors are free, so the numbers are single
-    digits: ``/bin/sh`` (dash) cannot redirect to ``>&$SAVED_FD_1`` past fd 9.
-    """
-    saved = [os.dup(0), os.dup(1)]
-    if env.get("PASS_LOCAL_STDERR"):
-        saved.append(os.dup(2))
-    return saved
-
-
-class LocalProgram:
-    """LOCAL_PROGRAM wired to the call through two pipes."""
-
-    def __init__(self, argv: list[str], env: Mapping[str, str], saved: Sequence[int]) -> None:
-        import subprocess
-
-        to_program_r, self.to_program = os.pipe()
-        self.from_program, from_program_w = os.pipe()
-        child_env = dict(env)
-        for number, fd in enumerate(saved):
-            child_env[f"SAVED_FD_{number}"] = str(fd)
-        try:
-            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
-                argv,
-                stdin=to_program_r,
-                stdout=from_program_w,
-                env=child_env,
-                pass_fds=tuple(saved),
-            )
-        except OSError:
-            os.close(self.to_program)
-            os.close(self.from_program)
-            raise
-        finally:
-            os.close(to_program_r)
-            os.close(from_program_w)
-
-    def finish(self, stdin_closed: bool) -> int:
-        """Close our pipe ends and wait for the program; its exit code.
-
-        The data phase closes the program's stdin at the service's STDOUT EOF
-        (``stdin_closed``); otherwise it is closed here.
-        """
-        if not stdin_closed:
-            os.close(self.to_program)
-        code = self.proc.wait()
-        os.close(self.from_program)
-        return SIGNAL_EXIT_BASE - code if code < 0 else code
-
-
 def run_call(
     options: ClientVmOptions,
     stream: BlockingStream,
     version: int,
-    env: Mapping[str, str],
-    saved: Sequence[int] = (),
+    local: LocalProgram | None = None,
 ) -> int:
     """The data phase after the handshake: our stdio or the local program; the exit code."""
     from qrexec.client.caller import CallerIO, run_caller
 
-    if not options.local_program:
+    if local is None:
         stdout_fd = 0 if options.use_stdin_socket else 1
         io = CallerIO(
             stdin_fd=0,
@@ -203,28 +151,24 @@ def run_call(
             filter_stderr=options.filter_stderr,
         )
         return run_caller(stream, version, io)
-    argv = resolve_local_program(options.local_program, env)
-    try:
-        local = LocalProgram(argv, env, saved)
-    except OSError as exc:
-        print(f"qrexec-client-vm: cannot run {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_LOCAL_ERROR
     io = CallerIO(
-        stdin_fd=local.from_program,
-        stdout_fd=local.to_program,
+        stdin_fd=local.stdout_sock.fileno(),
+        stdout_fd=local.stdin_sock.fileno(),
         stderr_fd=2,
         prefix_data=options.prefix_data,
         filter_stdout=options.filter_stdout,
         filter_stderr=options.filter_stderr,
+        next_input=local.next_input,
     )
     remote = run_caller(stream, version, io)
-    own = local.finish(io.stdout_closed)
+    own = local.finish()
     return remote if remote != 0 else own
 
 
 def connect_and_run(options: ClientVmOptions, env: Mapping[str, str]) -> int:
     """Everything after argument parsing; raises QrexecError / CallRefused."""
     from qrexec.backends.select import load_backend
+    from qrexec.client.client_vm_local import save_std_fds
     from qrexec.protocol.negotiation import own_protocol_version
 
     saved = save_std_fds(env) if options.local_program else []
@@ -245,29 +189,49 @@ def _call(
     saved: Sequence[int],
 ) -> int:
     from qrexec.client.caller import caller_handshake
-    from qrexec.errors import QrexecError
 
-    trigger_sock, domain, port = request_call(options, version)
+    trigger_sock, domain, port = request_call(options)
     try:
-        listener = backend.listen(
-            domain, port, read_min=options.buffer_size, write_min=options.buffer_size
-        )
+        local = None
+        if options.local_program:
+            from qrexec.client import client_vm_local
+
+            local = client_vm_local.start(
+                resolve_local_program(options.local_program, env), env, saved
+            )
         try:
-            stream = listener.accept(timeout=DATA_ACCEPT_TIMEOUT)
-        except TimeoutError:
-            raise QrexecError(
-                f"domain {domain} did not connect the data vchan on port {port}"
-                f" within {DATA_ACCEPT_TIMEOUT:g} s"
-            ) from None
-        finally:
-            listener.close()
+            stream = _accept_data(options, backend, domain, port)
+        except BaseException:
+            if local is not None:
+                local.abandon()
+            raise
         try:
             data_version = caller_handshake(stream, version)
-            return run_call(options, stream, data_version, env, saved)
+            return run_call(options, stream, data_version, local)
         finally:
             stream.close()
     finally:
         trigger_sock.close()
+
+
+def _accept_data(
+    options: ClientVmOptions, backend: Backend, domain: int, port: int
+) -> BlockingStream:
+    """Serve ``(domain, port)`` and take the service side's connection."""
+    from qrexec.errors import QrexecError
+
+    listener = backend.listen(
+        domain, port, read_min=options.buffer_size, write_min=options.buffer_size
+    )
+    try:
+        return listener.accept(timeout=DATA_ACCEPT_TIMEOUT)
+    except TimeoutError:
+        raise QrexecError(
+            f"domain {domain} did not connect the data vchan on port {port}"
+            f" within {DATA_ACCEPT_TIMEOUT:g} s"
+        ) from None
+    finally:
+        listener.close()
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

@@ -13,13 +13,14 @@ LOCAL_PROGRAM are never taken as ours.
 
 Defaults follow upstream: filtering is on for a stream that is a terminal - stdout only
 when there is no local program (with one, our stdout is not where the service's output
-goes). A ``$`` in TARGET reads as ``@`` (shells make ``@`` awkward in old scripts; the
-agent path of R4.2+ does the same rewrite).
+goes). A ``$`` in TARGET reads as ``@`` (shells make ``@`` awkward in old scripts); the
+``--source-qube`` value is left alone. TARGET and ``--source-qube`` longer than their
+63-byte fields are cut silently when the trigger is built, as upstream does (spec §15.7).
 
-Untrusted-boundary checks done here (a usage error, exit 2, names what was wrong): TARGET
-must fit the 64-byte field with its NUL (63 characters), the service name must not be
-empty, start with ``+`` or hold a NUL, and must fit the 65000-byte v3/v4 limit with its
-NUL. Characters are *not* filtered here: dom0's daemon sanitises, as in Qubes.
+Untrusted-boundary checks done here (a usage error, exit 2, names what was wrong): the
+service name must not be empty, start with ``+`` or hold a NUL, and must fit the
+65000-byte v3/v4 limit with its NUL. Characters are *not* filtered here: dom0's daemon
+sanitises, as in Qubes.
 
 Pure parsing: reads no environment except through the mapping it is given, does no I/O
 besides ``isatty`` for the defaults. Imports only ``getopt`` and the protocol constants.
@@ -35,8 +36,6 @@ from dataclasses import dataclass
 from qrexec.errors import UsageError
 from qrexec.protocol.constants import (
     MAX_SERVICE_NAME_LEN,
-    V3_TARGET_DOMAIN_SIZE,
-    V4_SOURCE_DOMAIN_SIZE,
     VCHAN_DATA_RING_SIZE,
 )
 
@@ -151,14 +150,12 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str]) -> ClientVmOptions:
         elif name == "--use-stdin-socket":
             use_stdin_socket = True
         elif name in ("-s", "--source-qube"):
-            _check_field(value, V4_SOURCE_DOMAIN_SIZE, "--source-qube")
             source_qube = value
     if len(rest) < 2:
         raise UsageError("TARGET and SERVICE[+ARG] are required")
     target = rest[0].replace("$", "@")
     service = rest[1]
     local_program = tuple(rest[2:])
-    _check_field(target, V3_TARGET_DOMAIN_SIZE, "TARGET")
     if not service or service.startswith("+"):
         raise UsageError(f"SERVICE {service!r} is empty or has no name before '+'")
     # The name travels NUL-terminated; hdr.len - prefix counts the NUL (spec §3.3).

@@ -1,51 +1,40 @@
 """dom0 as destination: ``qrexec-client -d dom0 'DEFAULT:QUBESRPC SVC+ARG SRC [TYPE TARGET]'``.
 
 No vchan: the service is looked up on dom0's own service path (``QREXEC_SERVICE_PATH``,
-inside ``QREXEC_DOMAIN_ROOT`` when set, as for agents) and run here with our stdin and
-stdout, with the dom0 service environment (``QREXEC_REQUESTED_TARGET_TYPE`` and friends).
-Socket services are relayed between our stdio and the socket. Exit codes: the service's
-(signal -> 128 + n); 127 when not found; 125 when it cannot run. Blocking; no asyncio.
+inside ``QREXEC_DOMAIN_ROOT`` when set, as for agents) and **exec'd in place**, as R4.3
+does (spec §15.7): it inherits our stdio and pid, and its exit status is ours (``-E``
+cannot apply). It gets the dom0 service environment (``QREXEC_REQUESTED_TARGET_TYPE`` and
+friends; no ``QREXEC_AGENT_PID``). Socket and ``/dev/tcp`` services cannot be exec'd:
+125, as upstream. Exit codes when nothing could be exec'd: 127 when not found, 125
+otherwise. Blocking; no asyncio.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
-import socket
-import threading
 
-from qrexec.client.daemon_socket import connect_unix
 from qrexec.errors import ProtocolError, ServiceError, ServiceNotFound
 from qrexec.protocol.cmdline import (
     DEFAULT_USER_TOKEN,
-    RpcCall,
     parse_rpc_command,
     parse_user_command,
 )
-from qrexec.protocol.constants import SIGNAL_EXIT_BASE, ExitCode
-from qrexec.services.launch import service_spec, spawn
+from qrexec.protocol.constants import ExitCode
+from qrexec.services.launch import service_environment
 from qrexec.services.lookup import (
     DomainRoot,
     ServiceKind,
-    ServiceTarget,
     find_service_in_env,
+    is_missing_path_error,
 )
 from qrexec.services.users import RunAs
 
 log = logging.getLogger(__name__)
 
 
-def _current_user(env: dict[str, str]) -> RunAs:
-    entry = pwd.getpwuid(os.getuid())
-    home = env.get("HOME", entry.pw_dir)
-    return RunAs(
-        entry.pw_name, entry.pw_uid, entry.pw_gid, (), home, entry.pw_shell or "/bin/sh", False
-    )
-
-
 def run_local_service(cmdline: str, env: dict[str, str]) -> int:
-    """Run a dom0-local QUBESRPC call with our stdio; its exit code."""
+    """Exec a dom0-local QUBESRPC call in place; returns only when it cannot (127/125)."""
     try:
         command = parse_user_command(cmdline)
         if command.user != DEFAULT_USER_TOKEN or not command.is_rpc:
@@ -54,45 +43,37 @@ def run_local_service(cmdline: str, env: dict[str, str]) -> int:
             )
         call = parse_rpc_command(command.command)
         root = DomainRoot.from_env(None, env)
-        target, config = find_service_in_env(call.name, env, root)
+        target, _ = find_service_in_env(call.name, env, root)
         if target.kind is not ServiceKind.EXECUTABLE:
-            return _relay_socket(target, call, send_descriptor=not config.skip_service_descriptor)
-        spec = service_spec(target.argv, call, _current_user(env), env, os.getpid(), in_dom0=True)
-        proc = spawn(spec, stdin=0, stdout=1, stderr=2)
+            # R4.3 execs the service file itself, which cannot work for these (§15.7).
+            raise ServiceError(f"{target.path} is a {target.kind.value} service; it needs -c")
+        service_env = service_environment(env, call, _no_switch(env), 0, in_dom0=True)
+        # dom0 services get no QREXEC_AGENT_PID (no SIGUSR1 mode in dom0).
+        service_env.pop("QREXEC_AGENT_PID", None)
+        for name in ("HOME", "SHELL", "USER", "LOGNAME"):
+            if name in env:
+                service_env[name] = env[name]
+            else:
+                service_env.pop(name, None)
+        argv = list(target.argv)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        try:
+            os.execve(argv[0], argv, service_env)
+        except OSError as exc:
+            missing = is_missing_path_error(exc)
+            raise (ServiceNotFound if missing else ServiceError)(
+                f"cannot execute {argv[0]}: {exc.strerror or exc}"
+            ) from None
     except ServiceNotFound as exc:
         log.error("%s", exc)
         return ExitCode.SERVICE_NOT_FOUND
     except (ServiceError, ProtocolError) as exc:
         log.error("%s", exc)
         return ExitCode.PROBLEM
-    code = proc.wait()
-    return SIGNAL_EXIT_BASE - code if code < 0 else code
+    raise AssertionError("execve returned")  # pragma: no cover
 
 
-def _relay_socket(target: ServiceTarget, call: RpcCall, *, send_descriptor: bool) -> int:
-    if target.kind is ServiceKind.TCP:
-        assert target.tcp is not None
-        sock = socket.create_connection(target.tcp)
-    else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connect_unix(sock, target.path)
-        except OSError as exc:
-            sock.close()
-            raise ServiceError(f"cannot connect to {target.path}: {exc}") from None
-    with sock:
-        if send_descriptor:
-            sock.sendall(call.descriptor)
-
-        def forward_input() -> None:
-            try:
-                while data := os.read(0, 65536):
-                    sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                log.debug("input relay: %s", exc)
-
-        threading.Thread(target=forward_input, daemon=True).start()
-        while data := sock.recv(65536):
-            os.write(1, data)
-    return ExitCode.OK
+def _no_switch(env: dict[str, str]) -> RunAs:
+    """Our own identity (only its login variables are used, and then replaced)."""
+    return RunAs("", os.getuid(), os.getgid(), (), env.get("HOME", "/"), "/bin/sh", False)

@@ -29,15 +29,43 @@ from qrexec.protocol.messages import ExecRequest, ServiceConnect
 log = get_logger(__name__)
 
 
+#: ``-c`` names the calling VM by domain id; C's ``strtol`` base 0 reads these forms.
+INT_MAX = 2**31 - 1
+DOM0_NAMES = frozenset({"dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000"})
+
+
+def _parse_domid(text: str) -> int | None:
+    """``strtol(text, NULL, 0)`` with nothing left over: ``0x`` hex, leading-``0`` octal,
+    else decimal; None when it is not such a number."""
+    digits, base = text, 10
+    if text[:2] in ("0x", "0X"):
+        digits, base = text[2:], 16
+    elif text.startswith("0"):
+        digits, base = text, 8
+    allowed = "0123456789abcdefABCDEF"[: base + (6 if base == 16 else 0)]
+    if not digits or any(char not in allowed for char in digits):
+        return None
+    return int(digits, base)
+
+
 def parse_connect_arg(value: str) -> tuple[bytes, str, int]:
-    """``REQID,SRCNAME,SRCDOMID`` of ``-c``."""
+    """``REQID,SRCNAME,SRCDOMID`` of ``-c``, checked as R4.3 does (spec §15.1): a usage
+    error (exit 1) for an empty or over-31-byte REQID, a source naming dom0, or a SRCID
+    that is 0 or not a number up to INT_MAX."""
     parts = value.split(",")
-    if len(parts) != 3 or not parts[2].isdigit():
+    if len(parts) != 3:
         raise UsageError(f"-c expects REQID,SRCNAME,SRCDOMID, not {value!r}")
-    ident = parts[0].encode()
-    if len(ident) >= 32:
-        raise UsageError("-c: the request id is longer than 31 bytes")
-    return ident, parts[1], int(parts[2])
+    ident = parts[0].encode("utf-8", "surrogateescape")
+    if not ident or len(ident) >= 32:
+        raise UsageError("-c: the request id must have 1 to 31 bytes")
+    if parts[1] in DOM0_NAMES:
+        raise UsageError("-c: the source domain cannot be dom0")
+    domid = _parse_domid(parts[2])
+    if domid is None or domid > INT_MAX:
+        raise UsageError(f"-c: {parts[2]!r} is not a domain id")
+    if domid == 0:
+        raise UsageError("-c: the source domain cannot be dom0 (id 0)")
+    return ident, parts[1], domid
 
 
 class RemoteCall:
@@ -123,6 +151,8 @@ class RemoteCall:
         return run_caller(stream, version, io)
 
     def _connect_existing(self) -> int:
+        """``-d VM -c``: no data phase (spec §15.1). The target's socket is closed as soon
+        as it answered, unless ``-W`` keeps it to wait for the connection's end."""
         args = self.args
         ident, source_name, source_id = parse_connect_arg(args.connect)
         target = DaemonConnection.open(self.socket_dir, args.dest)
@@ -131,6 +161,8 @@ class RemoteCall:
                 ExecRequest(MsgType.EXEC_CMDLINE, source_id, 0, encode_cmdline(args.cmdline))
             )
             assert reply is not None
+            if not args.wait:
+                target.close()
             source = DaemonConnection.open(self.socket_dir, str(source_id))
             try:
                 source.request(

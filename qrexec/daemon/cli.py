@@ -13,8 +13,9 @@ Environment: ``QREXEC_DAEMON_SOCKET_DIR`` (default ``/var/run/qubes``),
 ``QREXEC_STARTUP_NOWAIT`` (the parent exits at once), ``QREXEC_LOG_DIR`` (per-VM log when
 not ``--direct``, default ``/var/log/qubes``), ``QREXEC_PROTOCOL_VERSION`` (cap our
 version), the resource caps ``QREXEC_DAEMON_MAX_CLIENTS`` (256),
-``QREXEC_DAEMON_MAX_CONNECTIONS`` (256) and ``QREXEC_DAEMON_MAX_BUFFERED`` (4 MiB), and the
-transport variables.
+``QREXEC_DAEMON_MAX_CONNECTIONS`` (256) and ``QREXEC_DAEMON_MAX_BUFFERED`` (4 MiB), the
+deadline of a VM's HELLO on a dom0 call's data vchan ``QREXEC_DAEMON_HANDSHAKE_TIMEOUT``
+(5 s), and the transport variables.
 
 Without ``--direct`` the process forks: the parent exits 0 once the agent has connected,
 3 when it did not within the startup timeout, 1 when the child died; the child starts a
@@ -107,6 +108,7 @@ def config_from(args: argparse.Namespace, env: Mapping[str, str]) -> DaemonConfi
         max_clients=int(_env_number(env, "QREXEC_DAEMON_MAX_CLIENTS", 256)),
         max_connections=int(_env_number(env, "QREXEC_DAEMON_MAX_CONNECTIONS", 256)),
         max_buffered=int(_env_number(env, "QREXEC_DAEMON_MAX_BUFFERED", 4 * 1024 * 1024)),
+        handshake_timeout=_env_number(env, "QREXEC_DAEMON_HANDSHAKE_TIMEOUT", 5.0),
     )
 
 

@@ -10,18 +10,26 @@ one message:
   daemon allocates a data port for ``connect_domain`` (§3.5) and replies with the same
   type and ``{its VM's domid, port}``; a non-zero port must be in 513..768 and gets no
   reply. The message goes to the agent with the port filled in.
-* SERVICE_CONNECT: accepted only when its ident names a pending VM-initiated request
-  (:class:`~qrexec.daemon.pending.PendingRequests`), which it claims; port handling as
-  above; forwarded to the agent with the ident.
+* SERVICE_CONNECT (spec §15.3): its payload is 9..65535 bytes ending in NUL (else the
+  client is dropped); it is accepted only when its ident - compared up to its first NUL,
+  so ``id3\0`` and a NUL-padded ``id3`` are the same - names a VM-initiated request that
+  is still pending (:class:`~qrexec.daemon.pending.PendingRequests`, i.e. its policy
+  decision and call are still running and nothing answered it yet), which it claims, so
+  the call's own outcome no longer refuses it. A port outside 0 and 513..768 drops the
+  client before anything is claimed. It is forwarded to the agent **verbatim** (same
+  length, the client's ident bytes) with the allocated port filled in. An unmatched one
+  closes the client with no reply and nothing reaches the agent.
 
 The client is then kept until CONNECTION_TERMINATED for that (domain, port) arrives from
 the agent, and its socket is closed then (what ``qrexec-client -W`` waits for). A byte
 from the client after its message is logged as unexpected and the client dropped.
 
-Limits: at most ``max_clients`` clients; a message whose payload would take the bytes
-buffered from clients past ``max_buffered`` is refused (client dropped); no free port is a
-clean refusal too. A client that does not finish its handshake and message within
-:data:`CLIENT_REQUEST_TIMEOUT` is dropped.
+Limits: at most ``max_clients`` clients holding a request, and at most
+:data:`MAX_IDLE_CLIENTS` (or ``max_clients`` if lower) that have not sent theirs yet, the
+oldest of which is dropped for a newcomer (:mod:`qrexec.listening`); a message whose
+payload would take the bytes buffered from clients past ``max_buffered`` is refused
+(client dropped); no free port is a clean refusal too. A client that does not finish its
+handshake and message within :data:`CLIENT_REQUEST_TIMEOUT` is dropped.
 """
 
 from __future__ import annotations
@@ -36,18 +44,25 @@ from typing import Protocol
 from qrexec.daemon.config import DaemonConfig
 from qrexec.daemon.pending import PendingRequests
 from qrexec.daemon.ports import PortAllocator, is_data_port
-from qrexec.errors import InvalidField, ProtocolError, RemoteProtocolError
+from qrexec.errors import ProtocolError, RemoteProtocolError
+from qrexec.listening import GuardedServer, listen_backlog, request_complete, restrict_socket
 from qrexec.protocol.cmdline import decode_cmdline, encode_cmdline, replace_default_user
-from qrexec.protocol.constants import CLIENT_SOCKET_PROTOCOL_VERSION, HEADER_SIZE, MsgType
-from qrexec.protocol.fields import validate_ident
+from qrexec.protocol.constants import (
+    CLIENT_SOCKET_PROTOCOL_VERSION,
+    HEADER_SIZE,
+    IDENT_SIZE,
+    MAX_CMDLINE_LEN,
+    MsgType,
+)
 from qrexec.protocol.framing import check_header
 from qrexec.protocol.messages import (
+    EXEC_PARAMS,
     HEADER,
     ExecParams,
     ExecRequest,
     Hello,
     Message,
-    ServiceConnect,
+    RawFrame,
     ServiceRefused,
     decode_payload,
     encode,
@@ -76,14 +91,17 @@ class AgentLink(Protocol):
 log = logging.getLogger(__name__)
 
 CLIENT_REQUEST_TIMEOUT = 60.0
+#: Most clients that have not sent their request yet; the oldest is dropped beyond it.
+MAX_IDLE_CLIENTS = 64
 CLIENT_MESSAGE_TYPES = frozenset({MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT})
 
 
 def bind_unix(path: str) -> socket.socket:
     """A listening unix socket at ``path``, even past the sockaddr_un length limit.
 
-    It is bound under a temporary name and renamed into place once listening, so a
-    client that sees the file never gets "connection refused".
+    It is bound under a temporary name, given mode 0660 (group ``qubes`` when that group
+    exists) whatever the umask, and renamed into place once listening, so a client that
+    sees the file never gets "connection refused" nor a socket with the wrong mode.
     """
     folder, name = os.path.split(path)
     temporary = f".{name}.{os.getpid()}"
@@ -95,7 +113,8 @@ def bind_unix(path: str) -> socket.socket:
                 os.unlink(temporary, dir_fd=folder_fd)
             with unix_address(os.path.join(folder, temporary)) as address:
                 sock.bind(address)
-            sock.listen(64)
+            restrict_socket(temporary, dir_fd=folder_fd)
+            sock.listen(listen_backlog())
             os.rename(temporary, name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
         finally:
             os.close(folder_fd)
@@ -129,7 +148,7 @@ class ClientServer:
 
     def __init__(self, daemon: AgentLink) -> None:
         self.daemon = daemon
-        self._server: asyncio.AbstractServer | None = None
+        self._server: GuardedServer | None = None
         self._clients: set[Client] = set()
         self._waiting: dict[tuple[int, int], set[Client]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,9 +170,13 @@ class ClientServer:
     async def start(self) -> None:
         os.makedirs(self.daemon.config.socket_dir, exist_ok=True)
         self._remove_files()
-        self._server = await asyncio.start_unix_server(
-            self._serve_client, sock=bind_unix(self.socket_path)
+        self._server = GuardedServer(
+            bind_unix(self.socket_path),
+            self._serve_client,
+            what=f"client socket of {self.daemon.config.name}",
+            max_idle=min(MAX_IDLE_CLIENTS, self.daemon.config.max_clients),
         )
+        self._server.start()
         target = os.path.basename(self.socket_path)
         for link in self.link_paths():
             os.symlink(target, link)
@@ -195,16 +218,15 @@ class ClientServer:
         client = Client(reader, writer)
         task = asyncio.current_task()
         config = self.daemon.config
-        if len(self._clients) >= config.max_clients:
-            log.warning("refusing a client: %d clients already connected", len(self._clients))
-            client.close()
-            return
-        self._clients.add(client)
         if task is not None:
             self._tasks.add(task)
         try:
             async with asyncio.timeout(CLIENT_REQUEST_TIMEOUT):
                 message = await self._handshake_and_read(client)
+            request_complete()
+            if len(self._clients) >= config.max_clients:
+                raise ClientRefused(f"{len(self._clients)} clients already hold a request")
+            self._clients.add(client)
             await self._handle(client, message)
             await self._hold(client)
         except (ClientRefused, ProtocolError) as exc:
@@ -230,6 +252,8 @@ class ClientServer:
     async def _read_message(self, client: Client, allowed: frozenset[MsgType]) -> Message:
         header = await client.reader.readexactly(HEADER_SIZE)
         msg_type, length = HEADER.unpack(header)
+        if msg_type == MsgType.SERVICE_CONNECT and MsgType.SERVICE_CONNECT in allowed:
+            return await self._read_service_connect(client, length)
         kind = check_header(msg_type, length, CLIENT_SOCKET_PROTOCOL_VERSION, allowed)
         limit = self.daemon.config.max_buffered
         if self.buffered + length > limit:
@@ -242,6 +266,16 @@ class ClientServer:
         finally:
             self.buffered -= length
         return decode_payload(kind, payload)
+
+    async def _read_service_connect(self, client: Client, length: int) -> RawFrame:
+        """A client's SERVICE_CONNECT, kept raw: its length is 9..65535 and its last byte
+        NUL (R4.3's rule, spec §15.3); C senders use 40, but any ident length is taken."""
+        if not EXEC_PARAMS.size < length <= MAX_CMDLINE_LEN:
+            raise ClientRefused(f"SERVICE_CONNECT payload is {length} bytes, not 9..65535")
+        payload = await client.reader.readexactly(length)
+        if payload[-1] != 0:
+            raise ClientRefused("SERVICE_CONNECT request id is not NUL-terminated")
+        return RawFrame(MsgType.SERVICE_CONNECT, payload)
 
     async def _handshake_and_read(self, client: Client) -> Message:
         client.writer.write(encode(Hello(CLIENT_SOCKET_PROTOCOL_VERSION)))
@@ -258,22 +292,28 @@ class ClientServer:
             command = replace_default_user(
                 decode_cmdline(message.command), daemon.config.default_user
             )
-            domain, port = await self._port_for(client, message.msg_type, message)
+            domain, port = await self._port_for(
+                client, message.msg_type, message.connect_domain, message.connect_port
+            )
             forward: Message = ExecRequest(message.msg_type, domain, port, encode_cmdline(command))
-        elif isinstance(message, ServiceConnect):
-            try:
-                ident = validate_ident(message.ident)
-            except InvalidField as exc:
-                raise ClientRefused(f"SERVICE_CONNECT: {exc}") from None
+        elif isinstance(message, RawFrame):
+            domain, port = EXEC_PARAMS.unpack_from(message.raw)
+            raw_ident = message.raw[EXEC_PARAMS.size :]
+            # C-string equality up to the first NUL (spec §15.3): ``id3\0`` and a padded
+            # ``id3`` name the same request. Pending idents are validated ASCII.
+            ident = raw_ident.split(b"\0", 1)[0].decode("latin-1")
+            if port != 0 and not is_data_port(port):
+                raise ClientRefused(f"SERVICE_CONNECT: port {port} is outside the data-port range")
             if daemon.pending.claim(ident) is None:
-                raise ClientRefused(f"SERVICE_CONNECT for {ident!r}, which is not pending")
+                raise ClientRefused(f"SERVICE_CONNECT for {ident[:64]!r}, which is not pending")
             try:
-                domain, port = await self._port_for(client, MsgType.SERVICE_CONNECT, message)
+                domain, port = await self._port_for(client, MsgType.SERVICE_CONNECT, domain, port)
             except ClientRefused:
                 # The request was claimed: tell the agent, or its client-vm waits forever.
-                await daemon.send_to_agent(ServiceRefused(message.ident), generation)
+                await daemon.send_to_agent(ServiceRefused(raw_ident[:IDENT_SIZE]), generation)
                 raise
-            forward = ServiceConnect(domain, port, message.ident)
+            # Forwarded byte for byte: same length, the client's ident bytes as sent.
+            forward = RawFrame(MsgType.SERVICE_CONNECT, EXEC_PARAMS.pack(domain, port) + raw_ident)
         else:
             raise RemoteProtocolError(f"{message.msg_type.name} without its parameters")
         self._wait_for_termination(client, domain, port)
@@ -282,9 +322,8 @@ class ClientServer:
             raise ClientRefused("the agent went away before the request could be sent")
 
     async def _port_for(
-        self, client: Client, reply_type: MsgType, message: ExecRequest | ServiceConnect
+        self, client: Client, reply_type: MsgType, domain: int, port: int
     ) -> tuple[int, int]:
-        domain, port = message.connect_domain, message.connect_port
         daemon = self.daemon
         if port == 0:
             allocated = daemon.ports.allocate(domain)

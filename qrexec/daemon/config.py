@@ -30,3 +30,5 @@ class DaemonConfig:
     max_connections: int = MAX_DATA_PORTS
     #: Most bytes of client messages held by the daemon at once (per VM).
     max_buffered: int = 4 * 1024 * 1024
+    #: Deadline of the VM's HELLO on a dom0 call's data vchan (spec: dom0's 5 s).
+    handshake_timeout: float = 5.0

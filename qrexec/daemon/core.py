@@ -12,9 +12,14 @@ own range by dying), drop pending requests, wait for the agent again, serve agai
   out-of-place type (a trigger the negotiated version does not allow, anything a daemon
   never receives), an out-of-range port, a variable field without its terminator - drops
   this agent's connection with a logged reason (:class:`RemoteProtocolError`);
-* *well-framed but invalid content* (characters, request ids, the NUL rules of §3.6) is
-  sanitised or refused with SERVICE_REFUSED, and the connection stays
-  (:class:`InvalidField`).
+* *well-framed but invalid content* (characters, request ids, a trigger's service name
+  without its NUL or with a NUL inside, §15.2) is sanitised or refused with
+  SERVICE_REFUSED echoing the 32 request-id bytes, and the connection stays
+  (:class:`InvalidField`). v3/v4 triggers reach their handler undecoded
+  (:class:`~qrexec.protocol.messages.RawFrame`) for that reason.
+
+Where R4.3's daemon *exits* on a violation, ours drops that agent and waits for it again
+(``docs/decisions.md``).
 
 Neither stops the daemon or any other daemon. Message types are dispatched through
 :attr:`Daemon.handlers`; VM-initiated calls (``qrexec.daemon.vm_calls``) replace the
@@ -37,16 +42,15 @@ from qrexec.protocol.constants import (
     VCHAN_CONTROL_PORT,
     MsgType,
 )
-from qrexec.protocol.fields import validate_trigger
+from qrexec.protocol.fields import validate_trigger_frame
 from qrexec.protocol.framing import FrameDecoder
 from qrexec.protocol.messages import (
     ConnectionTerminated,
     Hello,
     Message,
+    RawFrame,
     ServiceRefused,
     TriggerService,
-    TriggerService3,
-    TriggerService4,
     encode,
 )
 from qrexec.protocol.negotiation import agent_message_types, negotiate
@@ -124,12 +128,12 @@ class Daemon:
         A request with an invalid ident is refused as §3.6 demands; a valid one is refused
         because this daemon has no policy hook installed.
         """
-        assert isinstance(message, TriggerService | TriggerService3 | TriggerService4)
+        assert isinstance(message, RawFrame | TriggerService)
         try:
-            request = validate_trigger(message)
+            request = validate_trigger_frame(message)
         except InvalidField as exc:
             log.warning("refusing a request from %s: %s", self.config.name, exc)
-            await self.send_to_agent(ServiceRefused(exc.ident or message.request_id))
+            await self.send_to_agent(ServiceRefused(exc.ident or b""))
             return
         log.warning(
             "refusing %s -> %s (%s): VM-initiated calls are not enabled in this daemon",
@@ -185,7 +189,12 @@ class Daemon:
     async def serve_agent(self, stream: AsyncStream) -> None:
         """Read and dispatch the agent's messages until it goes away or breaks the rules."""
         assert self.version is not None
-        decoder = FrameDecoder(self.version, allowed=agent_message_types(self.version))
+        decoder = FrameDecoder(
+            self.version,
+            allowed=agent_message_types(self.version),
+            # Their name tails are judged by §15.2's refusal rules, not by the decoder.
+            raw_types=(MsgType.TRIGGER_SERVICE3, MsgType.TRIGGER_SERVICE4),
+        )
         try:
             while data := await stream.recv(CONTROL_RECV_SIZE):
                 for message in decoder.feed(data):

@@ -5,7 +5,11 @@ default ``/run/qubes/policy.sock``): one §6.1 query (``source``, ``requested_so
 v4 triggers only, ``intended_target``, ``service_and_arg``), the answer read to EOF (at
 most 4096 bytes) and parsed strictly (:func:`qrexec.policy.decision.wire.parse_response`).
 
-Fallback, when the socket is missing or refuses the connection, or its answer is
+A connection that is refused, reset, or finds the listen backlog full before any byte of
+the answer came (a policy daemon under a flood, or restarting) is retried with bounded
+backoff (:data:`RETRY_DELAYS`, under 2 s in all) before giving up on the socket.
+
+Fallback, when the socket is missing or still refuses the connection, or its answer is
 malformed, cut short or absent: run the policy program (``-p``, default
 ``/usr/bin/qrexec-policy-exec``) as ``PROGRAM -- SOURCE TARGET SERVICE+ARG`` (no
 requested source, as upstream), parse its stdout by the same rules, and treat a non-zero
@@ -19,6 +23,7 @@ reason logged: this module never raises for a policy problem.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -39,8 +44,28 @@ log = logging.getLogger(__name__)
 POLICY_TIMEOUT = 300.0
 
 
+#: Pauses between attempts on a refused or reset policy connection.
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+#: Errors that mean "try again shortly": nobody accepted, backlog full, reset, or asyncio
+#: taking a full backlog's EAGAIN for a connection in progress (then ENOTCONN/EPIPE).
+RETRY_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.EAGAIN,
+        errno.ENOTCONN,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+    }
+)
+
+
 class PolicyUnavailable(Exception):
     """The policy daemon could not give an answer (the fallback is tried)."""
+
+
+class _Retry(Exception):
+    """This attempt failed before any answer byte, in a way worth another try."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +85,45 @@ async def _read_capped(reader: asyncio.StreamReader) -> bytes:
     return bytes(data)
 
 
+async def _attempt(settings: PolicySettings, query: PolicyQuery) -> bytes:
+    """One connection: the raw answer; _Retry when it failed before any answer byte."""
+    received = False
+    try:
+        reader, writer = await open_unix(settings.socket_path)
+        try:
+            writer.write(query.encode())
+            await writer.drain()
+            raw = await _read_capped(reader)
+            received = bool(raw)
+        finally:
+            writer.close()
+    except OSError as exc:
+        if exc.errno in RETRY_ERRNOS and not received:
+            raise _Retry(str(exc)) from None
+        raise
+    if not raw:
+        raise _Retry("connection closed without an answer")
+    return raw
+
+
 async def ask_policy_daemon(settings: PolicySettings, query: PolicyQuery) -> PolicyResponse:
     """One query over the policy socket; PolicyUnavailable when that does not work."""
+    delays = iter(RETRY_DELAYS)
     try:
         async with asyncio.timeout(settings.timeout):
-            reader, writer = await open_unix(settings.socket_path)
-            try:
-                writer.write(query.encode())
-                await writer.drain()
-                raw = await _read_capped(reader)
-            finally:
-                writer.close()
+            while True:
+                try:
+                    raw = await _attempt(settings, query)
+                    break
+                except _Retry as exc:
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise PolicyUnavailable(
+                            f"policy daemon at {settings.socket_path}: {exc} "
+                            f"({len(RETRY_DELAYS) + 1} attempts)"
+                        ) from None
+                    log.debug("policy daemon: %s; retrying in %g s", exc, delay)
+                    await asyncio.sleep(delay)
     except (OSError, TimeoutError) as exc:
         raise PolicyUnavailable(
             f"policy daemon at {settings.socket_path}: {exc or 'no answer in time'}"

@@ -5,13 +5,15 @@ Installed by :mod:`.cli` (``install``) into the seams of :class:`~.core.Daemon`:
 **Triggers.** The control-channel decoder already lets through only the trigger types the
 negotiated version allows (v2: MSG_TRIGGER_SERVICE; v3: TRIGGER_SERVICE3; v4:
 TRIGGER_SERVICE3 *and* TRIGGER_SERVICE4, as upstream's daemon - an R4.2 agent behind an
-R4.3 dom0 keeps working); any other type is a protocol violation that drops the agent, as
-is a malformed layout (a service name without its NUL, an over-long name). Then, per
-§3.6: domain names and the service name are sanitised (each bad byte becomes ``_``, so a
-sanitised name simply fails to match policy) and a bad request id, an empty service name
-or one starting with ``+`` is refused at once with SERVICE_REFUSED, without asking the
-policy. A valid request takes a pending slot (:class:`~.pending.PendingRequests`, at most
-256 per VM; refused beyond, or when its ident is already pending).
+R4.3 dom0 keeps working); any other type, a wrong length or an over-long name is a
+protocol violation that drops the agent. Then, per §15.2: domain names and the service
+name are sanitised (each bad byte becomes ``_``, so a sanitised name simply fails to match
+policy; a full-length target or source loses its last byte) and a bad request id, a
+service name without its NUL or with a NUL before it, an empty one or one starting with
+``+`` is refused at once with SERVICE_REFUSED (the 32 request-id bytes as received),
+without asking the policy; the connection stays. A valid request takes a pending slot
+(:class:`~.pending.PendingRequests`, at most 256 per VM; refused beyond, or when its
+ident is already pending).
 
 **Policy.** :mod:`.policy_query` asks the policy daemon (falling back to the policy
 program); anything but a well-formed allow refuses the call (SERVICE_REFUSED; the caller
@@ -63,14 +65,13 @@ from qrexec.protocol.cmdline import (
     requested_target_fields,
 )
 from qrexec.protocol.constants import MsgType
-from qrexec.protocol.fields import TriggerRequest, validate_trigger
+from qrexec.protocol.fields import TriggerRequest, validate_trigger_frame
 from qrexec.protocol.messages import (
     Message,
+    RawFrame,
     ServiceConnect,
     ServiceRefused,
     TriggerService,
-    TriggerService3,
-    TriggerService4,
 )
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class VmCall:
     request: TriggerRequest
     entry: PendingRequest
     generation: int
+    #: True once the call reached its data phase (the VM was told where to connect and,
+    #: for dom0 calls, both HELLOs are through): losing the agent no longer cancels it.
+    streaming: bool = False
 
 
 class VmCalls:
@@ -102,24 +106,44 @@ class VmCalls:
         config = daemon.config
         self.policy = PolicySettings(config.policy_socket, config.policy_program)
         self.env = dict(os.environ)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Running calls (a task per request) and their state.
+        self._tasks: dict[asyncio.Task[None], VmCall] = {}
 
     def install(self) -> None:
         for kind in (MsgType.TRIGGER_SERVICE, MsgType.TRIGGER_SERVICE3, MsgType.TRIGGER_SERVICE4):
             self.daemon.register_handler(kind, self.on_trigger)
+        self.daemon.on_agent_lost.append(self.agent_lost)
+
+    def agent_lost(self) -> None:
+        """Cancel every call that has not reached its data phase (docs/decisions.md).
+
+        Nobody is left to answer: the pending requests are gone with the connection. A
+        cancelled call closes its vchan and frees its buffers; streaming calls finish.
+        """
+        cancelled = 0
+        for task, call in list(self._tasks.items()):
+            if not call.streaming and not task.done():
+                task.cancel()
+                cancelled += 1
+        if cancelled:
+            log.info(
+                "agent of %s gone: cancelled %d call(s) still in their handshake",
+                self.daemon.config.name,
+                cancelled,
+            )
 
     # ---- the agent's trigger ----
 
     async def on_trigger(self, message: Message) -> None:
         """Validate, take a pending slot and start the call; never blocks the control loop."""
-        assert isinstance(message, TriggerService | TriggerService3 | TriggerService4)
+        assert isinstance(message, RawFrame | TriggerService)
         daemon = self.daemon
         name = daemon.config.name
         try:
-            request = validate_trigger(message)
+            request = validate_trigger_frame(message)
         except InvalidField as exc:
             log.warning("refusing a request from %s: %s", name, exc)
-            await daemon.send_to_agent(ServiceRefused(exc.ident or message.request_id))
+            await daemon.send_to_agent(ServiceRefused(exc.ident or b""))
             return
         entry = daemon.pending.add(request.ident)
         if entry is None:
@@ -137,8 +161,11 @@ class VmCalls:
         call = VmCall(request, entry, daemon.generation)
         entry.details = call
         task = asyncio.ensure_future(self.run(call))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = call
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     # ---- answering the agent ----
 
@@ -253,6 +280,7 @@ class VmCalls:
                 )
                 if not await self.connect(call, domain, port):
                     return
+                call.streaming = True
                 if disposable is not None:
                     await daemon.wait_closed()
             finally:
@@ -316,8 +344,20 @@ class VmCalls:
             daemon.ports.release(0, port)
             return
         log.info("%s: %s -> dom0 (port %d): %s", call.request.ident, source, port, command)
+
+        def streaming() -> None:
+            call.streaming = True
+
         code = await run_dom0_service(
-            daemon.backend, daemon.config.domid, port, command, self.env, daemon.config.own_version
+            daemon.backend,
+            daemon.config.domid,
+            port,
+            command,
+            self.env,
+            daemon.config.own_version,
+            daemon.config.name,
+            hello_timeout=daemon.config.handshake_timeout,
+            on_data_phase=streaming,
         )
         log.info("dom0 call %s on port %d finished: %s", call.request.ident, port, code)
 

@@ -75,6 +75,10 @@ V4_SOURCE_DOMAIN_SIZE = 64
 
 #: Control vchan port and its ring sizes.
 VCHAN_CONTROL_PORT = 512
+#: Xen domain ids are 16 bits; ids from 0x7FF0 (DOMID_FIRST_RESERVED) up name no domain.
+MAX_DOMAIN_ID = 0x7FEF
+#: vchan ports are 16 bits on every transport (the wire carries 32).
+MAX_VCHAN_PORT = 0xFFFF
 VCHAN_CONTROL_RING_SIZE = 4096
 #: Data ports: 256 slots, slot i is port VCHAN_BASE_DATA_PORT + i.
 VCHAN_BASE_DATA_PORT = 513

@@ -15,9 +15,11 @@ MSG_SERVICE_REFUSED, echoing the raw ident, and asks no policy):
   at all, or with any non-zero byte after the NUL;
 - an empty service name, or one starting with ``+`` (checked after sanitising).
 
-Layout violations (a variable service name without its NUL terminator or with a NUL
-inside, wrong sizes) are not field problems: :mod:`.messages` and :mod:`.framing` raise
-plain RemoteProtocolError for them and the peer is dropped.
+A variable service name without its NUL terminator or with a NUL inside is a layout
+violation for :mod:`.messages` (RemoteProtocolError), but R4.3's daemon refuses such a
+request and keeps the agent (spec §15.2): the daemon receives triggers undecoded and
+judges them with :func:`validate_trigger_frame`, which refuses them. Wrong sizes stay
+framing errors (:mod:`.framing`).
 
 Values are decoded to ``str``: sanitised names are pure ASCII by construction, so no
 decoding error is possible. Does no I/O.
@@ -31,6 +33,8 @@ from typing import Final
 from qrexec.errors import InvalidField
 from qrexec.protocol.constants import (
     IDENT_SIZE,
+    MAX_DOMAIN_ID,
+    MAX_VCHAN_PORT,
     PROTOCOL_V3,
     PROTOCOL_V4,
     V2_SERVICE_NAME_SIZE,
@@ -39,7 +43,14 @@ from qrexec.protocol.constants import (
     V4_SOURCE_DOMAIN_SIZE,
     MsgType,
 )
-from qrexec.protocol.messages import TriggerService, TriggerService3, TriggerService4
+from qrexec.protocol.messages import (
+    TRIGGER_V3_PREFIX,
+    TRIGGER_V4_PREFIX,
+    RawFrame,
+    TriggerService,
+    TriggerService3,
+    TriggerService4,
+)
 
 _ALNUM: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 IDENT_CHARS: Final = frozenset(_ALNUM + b"_.- ")
@@ -47,6 +58,20 @@ DOMAIN_NAME_CHARS: Final = frozenset(_ALNUM + b"_.-@:")
 SERVICE_NAME_CHARS: Final = frozenset(_ALNUM + b"_.-+")
 
 Trigger = TriggerService | TriggerService3 | TriggerService4
+
+
+def validate_connect_params(domain: int, port: int) -> tuple[int, int]:
+    """Range-check the ``{domain, port}`` of EXEC_CMDLINE / JUST_EXEC / SERVICE_CONNECT.
+
+    The wire carries two uint32; only 0..MAX_DOMAIN_ID and 0..MAX_VCHAN_PORT can name a
+    vchan. Checked where the message is decoded, so that a transport never sees (and
+    never raises about) a value no domain can have.
+    """
+    if not 0 <= domain <= MAX_DOMAIN_ID:
+        raise InvalidField("domain id", f"{domain} is outside 0..{MAX_DOMAIN_ID}")
+    if not 0 <= port <= MAX_VCHAN_PORT:
+        raise InvalidField("vchan port", f"{port} is outside 0..{MAX_VCHAN_PORT}")
+    return domain, port
 
 
 def _translation(keep: frozenset[int]) -> bytes:
@@ -182,6 +207,51 @@ def validate_trigger(message: Trigger) -> TriggerRequest:
         ident=ident,
         raw_ident=raw_ident,
     )
+
+
+def _raw_service_name(tail: bytes) -> bytes:
+    """The service name of a v3/v4 trigger's variable tail, as R4.3's daemon judges it
+    (spec §15.2): the last byte must be NUL and no NUL may come before it; otherwise the
+    request is refused (InvalidField), never a framing error."""
+    if not tail.endswith(b"\0"):
+        raise InvalidField("service name", "is not NUL-terminated")
+    body = tail[:-1]
+    if b"\0" in body:
+        raise InvalidField("service name", f"has a NUL at offset {body.index(0)}")
+    return body
+
+
+def validate_trigger_frame(frame: RawFrame | Trigger) -> TriggerRequest:
+    """:func:`validate_trigger` for a trigger received undecoded (spec §15.2).
+
+    A :class:`RawFrame` of TRIGGER_SERVICE3/4 (the header already length-checked) is split
+    into its fixed fields and its name tail; the tail's NUL rules refuse the request
+    (InvalidField carrying the 32 request-id bytes as received) instead of dropping the
+    peer. Then the same checks as :func:`validate_trigger`: the request id, an empty name
+    or a leading ``+`` refuse; name, target and source are sanitised.
+    """
+    if not isinstance(frame, RawFrame):
+        return validate_trigger(frame)
+    raw = frame.raw
+    if frame.msg_type is MsgType.TRIGGER_SERVICE3:
+        prefix, ident_at = TRIGGER_V3_PREFIX, V3_TARGET_DOMAIN_SIZE
+    elif frame.msg_type is MsgType.TRIGGER_SERVICE4:
+        prefix, ident_at = TRIGGER_V4_PREFIX, V4_SOURCE_DOMAIN_SIZE + V3_TARGET_DOMAIN_SIZE
+    else:
+        raise InvalidField("trigger", f"{frame.msg_type.name} is not a raw trigger type")
+    raw_ident = raw[ident_at:prefix]
+    try:
+        name = _raw_service_name(raw[prefix:])
+    except InvalidField as exc:
+        raise InvalidField(exc.field, exc.reason, ident=raw_ident) from None
+    fixed = raw[:ident_at]
+    if frame.msg_type is MsgType.TRIGGER_SERVICE3:
+        message: Trigger = TriggerService3(fixed, raw_ident, name)
+    else:
+        message = TriggerService4(
+            fixed[:V4_SOURCE_DOMAIN_SIZE], fixed[V4_SOURCE_DOMAIN_SIZE:], raw_ident, name
+        )
+    return validate_trigger(message)
 
 
 def _parts(message: Trigger) -> tuple[bytes, bytes, bytes, bytes]:

@@ -51,6 +51,7 @@ from qrexec.protocol.messages import (
     TRIGGER_V4_PREFIX,
     Hello,
     Message,
+    RawFrame,
     decode_payload,
     encode,
 )
@@ -159,7 +160,8 @@ class FrameDecoder:
     ``own_version`` is given, a received HELLO switches the decoder to
     ``negotiate(own_version, peer)`` at once, so that a peer's first large chunk sent in
     the same segment as its HELLO is judged by the right cap. ``allowed`` restricts the
-    accepted message types (anything else is a remote protocol error).
+    accepted message types (anything else is a remote protocol error); ``raw_types`` are
+    returned undecoded as :class:`RawFrame` once their header passed the length checks.
 
     After a :class:`RemoteProtocolError` the decoder stays broken: the stream position is
     lost, so every later call raises the same error. Messages completed earlier in the
@@ -172,8 +174,11 @@ class FrameDecoder:
         *,
         own_version: int | None = None,
         allowed: Collection[MsgType] | None = None,
+        raw_types: Collection[MsgType] = (),
     ) -> None:
         self._version = check_version(version)
+        #: Types returned as :class:`RawFrame` (header checks still apply, no decoding).
+        self._raw_types = frozenset(raw_types)
         self._own_version = None if own_version is None else check_version(own_version)
         self._allowed = None if allowed is None else frozenset(allowed)
         self._buffer = bytearray()
@@ -261,7 +266,10 @@ class FrameDecoder:
                 payload = bytes(buffer)
                 buffer.clear()
             self._type = None
-            message = decode_payload(kind, payload)
+            if kind in self._raw_types:
+                message: Message = RawFrame(kind, payload)
+            else:
+                message = decode_payload(kind, payload)
             if kind is MsgType.HELLO and self._own_version is not None:
                 self._version = negotiate(self._own_version, PEER_INFO.unpack(payload)[0])
             messages.append(message)

@@ -253,6 +253,23 @@ class ExitStatus:
         return EXIT_CODE.pack(self.code)
 
 
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """Any message kept as its payload bytes, exactly as received (or to be sent).
+
+    For receivers that must apply the peer's own rules to a layout our decoder would
+    reject outright - the daemon's trigger checks of spec §15.2 (a name without its NUL is
+    refused, not a framing error) - and for forwarding a message byte for byte (a client's
+    SERVICE_CONNECT of any length, §15.3). ``encode`` sends ``raw`` unchanged.
+    """
+
+    msg_type: MsgType
+    raw: bytes
+
+    def payload(self) -> bytes:
+        return self.raw
+
+
 Message = (
     Hello
     | ExecRequest
@@ -265,6 +282,7 @@ Message = (
     | TriggerService4
     | Data
     | ExitStatus
+    | RawFrame
 )
 
 

@@ -2,9 +2,11 @@
 
 Lookup: every directory of the service path is searched for ``SERVICE+ARG`` and only then
 every directory for ``SERVICE`` (names from
-:func:`~qrexec.protocol.cmdline.service_lookup_names`); the first ``lstat`` that succeeds
-decides, an ``lstat`` error other than ENOENT fails the call (exit 125), nothing found is
-exit 127.
+:func:`~qrexec.protocol.cmdline.service_lookup_names`); the first entry that exists
+decides. A symlink to ``/dev/tcp…`` is taken as it is; any other symlink is followed, and
+a dangling one counts as absent (the search goes on). An ``lstat``/``stat`` error other
+than ENOENT fails the call (exit 125); nothing found is exit 127 (spec §7). rpc-config
+files are looked up the same way.
 
 Kinds of service file:
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import ipaddress
 import os
 import shlex
 import stat
@@ -143,12 +144,9 @@ def find_service(
     for file_name in file_names:
         for directory in directories:
             path = os.path.join(root.resolve(directory), file_name)
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
+            info = _lookup_entry(path, "service file")
+            if info is None:
                 continue
-            except OSError as exc:
-                raise ServiceError(f"cannot look up service file {path}: {exc}") from None
             legacy = os.path.normpath(directory) == LEGACY_2011_DIR
             return _classify(path, file_name, info, name, root, legacy=legacy)
     raise ServiceNotFound(f"service {name.full_name!r} not found on {':'.join(directories)}")
@@ -166,14 +164,31 @@ def find_config(
     for file_name in file_names:
         for directory in directories:
             path = os.path.join(root.resolve(directory), file_name)
-            try:
-                os.lstat(path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise ServiceError(f"cannot look up rpc-config {path}: {exc}") from None
-            return path
+            if _lookup_entry(path, "rpc-config") is not None:
+                return path
     return None
+
+
+def _is_tcp_link(link: str) -> bool:
+    return link == _TCP_PREFIX or link.startswith(_TCP_PREFIX + "/")
+
+
+def _lookup_entry(path: str, what: str) -> os.stat_result | None:
+    """The lstat of one lookup candidate; None when absent (a dangling symlink is absent).
+
+    A symlink to ``/dev/tcp…`` is returned as the link itself (it is never followed).
+    Any error other than ENOENT is a ServiceError (125).
+    """
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISLNK(info.st_mode) or _is_tcp_link(os.readlink(path)):
+            return info
+        os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ServiceError(f"cannot look up {what} {path}: {exc}") from None
+    return info
 
 
 def find_service_in_env(
@@ -199,7 +214,7 @@ def _classify(
 ) -> ServiceTarget:
     if stat.S_ISLNK(info.st_mode):
         link = os.readlink(path)
-        if link == _TCP_PREFIX or link.startswith(_TCP_PREFIX + "/"):
+        if _is_tcp_link(link):
             return ServiceTarget(
                 ServiceKind.TCP, path, file_name, tcp=parse_tcp_target(link, name.arg)
             )
@@ -251,27 +266,55 @@ def read_one_line_program(path: str, root: DomainRoot) -> tuple[str, ...]:
 
 
 def parse_tcp_target(link: str, argument: str) -> tuple[str, int]:
-    """(host, port) of a ``/dev/tcp`` symlink service; numeric hosts only."""
-    rest = link[len(_TCP_PREFIX) :].strip("/")
-    parts = rest.split("/") if rest else []
-    if len(parts) == 2:
-        host, port_text = parts
-    elif len(parts) == 1:
-        host, port_text = parts[0], argument
-    elif not parts:
+    """(host, port) of a ``/dev/tcp`` symlink service; ServiceError (125) otherwise.
+
+    Forms (spec §7, §15.6): ``/dev/tcp/HOST/PORT`` (ARG must be empty),
+    ``/dev/tcp/HOST`` (the port is ARG, which must not be empty) and ``/dev/tcp`` (ARG
+    is ``HOST+PORT``: the port follows the last ``+``, earlier ``+`` stand for ``:``,
+    and a ``_`` in the host is refused). The port is 1-65535 in decimal without a
+    leading zero; the host is numeric only, IPv6 when it holds ``:`` or ``%``.
+    """
+    if link == _TCP_PREFIX:
+        if not argument:
+            raise ServiceError("/dev/tcp service called without HOST+PORT argument")
         host_part, plus, port_text = argument.rpartition("+")
         if not plus:
-            raise ServiceError(f"/dev/tcp service needs HOST+PORT as argument, got {argument!r}")
+            raise ServiceError(f"/dev/tcp service argument {argument!r} has no port")
         host = host_part.replace("+", ":")
+        if "_" in host:
+            raise ServiceError(f"/dev/tcp host {host!r} contains '_'")
     else:
-        raise ServiceError(f"malformed /dev/tcp symlink {link!r}")
+        parts = link[len(_TCP_PREFIX) + 1 :].split("/")
+        if parts == [""] or len(parts) > 2:
+            raise ServiceError(f"malformed /dev/tcp symlink {link!r}")
+        host = parts[0]
+        if len(parts) == 2:
+            if argument:
+                raise ServiceError(f"{link} takes no argument, got {argument!r}")
+            port_text = parts[1]
+        else:
+            if not argument:
+                raise ServiceError(f"{link} needs the port as argument")
+            port_text = argument
+    return _numeric_host(host), _port_number(port_text)
+
+
+def _port_number(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or text.startswith("0") or int(text) > 65535:
+        raise ServiceError(f"/dev/tcp port {text[:32]!r} is not a port number")
+    return int(text)
+
+
+def _numeric_host(host: str) -> str:
+    """The numeric address ``host`` stands for, as connect() takes it."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host or "%" in host else socket.AF_INET
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ServiceError(f"/dev/tcp host {host!r} is not a numeric address") from None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ServiceError(f"/dev/tcp port {port_text!r} is not a port number")
-    return str(address), int(port_text)
+        info = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError, ValueError):
+        raise ServiceError(f"/dev/tcp host {host[:64]!r} is not a numeric address") from None
+    return str(info[0][4][0])
 
 
 def is_missing_path_error(exc: OSError) -> bool:

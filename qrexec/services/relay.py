@@ -212,15 +212,23 @@ class DataChannel:
     async def send_exit(self, code: int) -> None:
         await self.stream.send(encode(ExitStatus(code)))
 
-    async def finish_early(self, code: int, *, stdout_eof: bool = True) -> None:
-        """The whole reply of a call that produced no data: EOFs, then the exit code."""
+    async def finish_early(
+        self, code: int, *, stdout_eof: bool = True, stdout_first: bool = False
+    ) -> None:
+        """The whole reply of a call that produced no data: EOFs, then the exit code.
+
+        dom0 sends STDERR EOF first; a VM agent sends STDOUT EOF first
+        (``stdout_first``, spec §15.6).
+        """
+        if stdout_first:
+            await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_eof(MsgType.DATA_STDERR)
-        if stdout_eof:
+        if stdout_eof and not stdout_first:
             await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_exit(code)
 
 
-async def _relay_stdin(
+async def relay_stdin(
     channel: DataChannel,
     deliver: Callable[[list[memoryview]], Awaitable[bool]],
     end: Callable[[], None],
@@ -356,7 +364,7 @@ async def relay_process(
         await channel.send_eof(MsgType.DATA_STDERR)
 
     caller_gone = asyncio.ensure_future(
-        _relay_stdin(
+        relay_stdin(
             channel, lambda views: writev_fd(sock_fd, views), lambda: _shutdown_write(stdin_sock)
         )
     )
@@ -400,11 +408,14 @@ async def relay_socket(
     *,
     exit_on_client_eof: bool,
     exit_on_service_eof: bool,
+    stderr_eof_sent: bool = False,
 ) -> int | None:
     """Relay a connected service socket (unix or TCP): 0 at the end, None if the caller left.
 
     By default the call ends when the caller's stdin has ended *and* the service has
-    closed its side; the rpc-config options end it at the first of the two.
+    closed its side; the rpc-config options end it at the first of the two. STDERR EOF
+    goes out first unless the caller already sent it (``stderr_eof_sent``: dom0 sends it
+    before anything else, spec §15.1).
     """
     sock.setblocking(False)
     fd = sock.fileno()
@@ -416,7 +427,8 @@ async def relay_socket(
             client_eof.set_result(None)
 
     async def produce() -> None:
-        await channel.send_eof(MsgType.DATA_STDERR)
+        if not stderr_eof_sent:
+            await channel.send_eof(MsgType.DATA_STDERR)
         pump = asyncio.ensure_future(_pump(channel, MsgType.DATA_STDOUT, fd))
         if exit_on_client_eof:
             await asyncio.wait((pump, client_eof), return_when=asyncio.FIRST_COMPLETED)
@@ -424,14 +436,18 @@ async def relay_socket(
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
+                await channel.send_eof(MsgType.DATA_STDOUT)
+                return
         else:
             await pump
-            if not exit_on_service_eof:
-                await client_eof
+        # The service's EOF goes out at once; the exit code waits for the caller's
+        # STDIN EOF too, unless exit-on-service-eof (spec §15.6, as upstream's agent).
         await channel.send_eof(MsgType.DATA_STDOUT)
+        if not exit_on_service_eof:
+            await client_eof
 
     caller_gone = asyncio.ensure_future(
-        _relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof)
+        relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof)
     )
     try:
         if await _race(produce(), caller_gone):

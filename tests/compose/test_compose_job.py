@@ -99,7 +99,9 @@ def test_filecopy_denied_then_allowed(job: ComposeProject) -> None:
         job,
         "vm1",
         "mkdir -p ~/tree/sub && echo data >~/tree/sub/f && chmod 640 ~/tree/sub/f && "
-        "qrexec-client-vm vm2 qubes.Filecopy python3 -m qrexec.sim.filecopy send ~/tree",
+        # qrexec-client-vm execs the program's path as given (no PATH search).
+        'qrexec-client-vm vm2 qubes.Filecopy "$(command -v python3)" '
+        "-m qrexec.sim.filecopy send ~/tree",
         user="user",
     )
     assert sent.returncode == 0, sent

@@ -12,9 +12,10 @@ import threading
 from pathlib import Path
 
 from qrexec.backends.socket import SocketBackend, SocketStream
-from qrexec.protocol.constants import VCHAN_CONTROL_PORT
+from qrexec.errors import RemoteProtocolError
+from qrexec.protocol.constants import HEADER_SIZE, VCHAN_CONTROL_PORT, MsgType
 from qrexec.protocol.framing import read_message
-from qrexec.protocol.messages import Hello, Message, encode
+from qrexec.protocol.messages import HEADER, Hello, Message, RawFrame, decode_payload, encode
 
 
 class RawControl:
@@ -48,13 +49,34 @@ class RawControl:
         """Queue the daemon's messages from now on (done by :meth:`hello`)."""
         threading.Thread(target=self._read_all, daemon=True).start()
 
+    def _recv_exactly(self, size: int) -> bytes | None:
+        data = b""
+        while len(data) < size:
+            chunk = self.stream.recv(size - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
     def _read_all(self) -> None:
+        """Frames as the daemon sent them: decoded when their layout is the usual one,
+        else kept as :class:`RawFrame` (a client's SERVICE_CONNECT forwarded verbatim may
+        have any length, spec §15.3)."""
         try:
             while True:
-                message = read_message(self.stream.recv, self.version)
-                self._queue.put(message)
-                if message is None:
+                header = self._recv_exactly(HEADER_SIZE)
+                if header is None:
+                    self._queue.put(None)
                     return
+                msg_type, length = HEADER.unpack(header)
+                payload = self._recv_exactly(length) if length else b""
+                if payload is None:
+                    raise RemoteProtocolError("the daemon closed inside a frame")
+                try:
+                    message: Message = decode_payload(msg_type, payload)
+                except RemoteProtocolError:
+                    message = RawFrame(MsgType(msg_type), payload)
+                self._queue.put(message)
         except BaseException as exc:  # handed to the test thread
             self._queue.put(exc)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qrexec.daemon.clients import bind_unix
-from tests.integration.conftest import QrexecSystem, serve_once
+from tests.integration.conftest import QrexecSystem
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,13 +59,45 @@ def test_local_service_errors(qrexec_system: QrexecSystem, services: Path) -> No
     assert not_default.returncode == 125
     shell = dom0_client(qrexec_system, services, "DEFAULT:echo not a service")
     assert (shell.returncode, shell.stdout) == (125, b"")
+    # Nothing was exec'd: the code stands under -E, as in R4.3.
+    for option_cmdline, code in (("DEFAULT:QUBESRPC no.Such vm1", 127), ("root:x", 125)):
+        result = qrexec_system.run(
+            [sys.executable, "-m", "qrexec.client.cli", "-E", "-d", "dom0", option_cmdline],
+            qrexec_system.env(0, {"QREXEC_SERVICE_PATH": str(services)}),
+            timeout=30,
+        )
+        assert result.returncode == code, option_cmdline
 
 
-def test_local_socket_service(qrexec_system: QrexecSystem, services: Path) -> None:
-    thread, received = serve_once(bind_unix(str(services / "test.Sock")), b"answer")
-    result = dom0_client(
-        qrexec_system, services, "DEFAULT:QUBESRPC test.Sock+x vm1 keyword adminvm", b"q"
+def test_service_is_execd_in_place(qrexec_system: QrexecSystem, services: Path) -> None:
+    """Spec §15.7: the service replaces qrexec-client (same pid); no QREXEC_AGENT_PID."""
+    service = services / "test.Pid"
+    service.write_text('#!/bin/sh\necho "$$|${QREXEC_AGENT_PID-unset}"\nexit 6\n')
+    service.chmod(0o755)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qrexec.client.cli",
+            "-E",
+            "-d",
+            "dom0",
+            "DEFAULT:QUBESRPC test.Pid vm1",
+        ],
+        stdout=subprocess.PIPE,
+        env=qrexec_system.env(0, {"QREXEC_SERVICE_PATH": str(services)}),
     )
-    thread.join(10)
-    assert received == [b"test.Sock+x vm1 keyword adminvm\0q"]
-    assert (result.returncode, result.stdout) == (0, b"answer")
+    out, _ = proc.communicate(timeout=30)
+    # Exec'd: its own status, even with -E.
+    assert (proc.returncode, out) == (6, f"{proc.pid}|unset\n".encode())
+
+
+def test_local_socket_and_tcp_services_cannot_be_execd(
+    qrexec_system: QrexecSystem, services: Path
+) -> None:
+    server = bind_unix(str(services / "test.Sock"))
+    (services / "test.Tcp").symlink_to("/dev/tcp/127.0.0.1/1")
+    for name in ("test.Sock+x", "test.Tcp"):
+        result = dom0_client(qrexec_system, services, f"DEFAULT:QUBESRPC {name} vm1", b"q")
+        assert (result.returncode, result.stdout) == (125, b""), name
+    server.close()

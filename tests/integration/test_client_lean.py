@@ -66,6 +66,21 @@ def test_just_exec_and_wait_paths_import_no_asyncio(
     assert summary == "EXIT=0 HEAVY="
 
 
+#: The dom0-local path execs the service: report the imports just before the exec.
+EXEC_PROBE = """
+import os, sys
+real_execve = os.execve
+def reporting_execve(path, argv, env):
+    heavy = sorted(m for m in HEAVY_MODULES.split() if m in sys.modules)
+    sys.stderr.write(f"\\nEXEC HEAVY={','.join(heavy)}\\n")
+    sys.stderr.flush()
+    real_execve(path, argv, env)
+os.execve = reporting_execve
+from qrexec.client.cli import main
+main(sys.argv[1:])
+""".replace("HEAVY_MODULES", repr(HEAVY))
+
+
 def test_dom0_local_service_path_imports_no_asyncio(qrexec_system: QrexecSystem) -> None:
     services = qrexec_system.base / "dom0-rpc"
     services.mkdir()
@@ -76,7 +91,7 @@ def test_dom0_local_service_path_imports_no_asyncio(qrexec_system: QrexecSystem)
         [
             sys.executable,
             "-c",
-            PROBE,
+            EXEC_PROBE,
             "-d",
             "@adminvm",
             "DEFAULT:QUBESRPC test.Local+a vm1 keyword adminvm",
@@ -86,5 +101,5 @@ def test_dom0_local_service_path_imports_no_asyncio(qrexec_system: QrexecSystem)
         timeout=60,
         check=False,
     )
-    assert result.stdout == b"local a adminvm\n"
-    assert result.stderr.decode().strip().splitlines()[-1] == "EXIT=0 HEAVY="
+    assert (result.returncode, result.stdout) == (0, b"local a adminvm\n")
+    assert result.stderr.decode().strip().splitlines()[-1] == "EXEC HEAVY="

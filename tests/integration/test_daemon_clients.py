@@ -169,6 +169,7 @@ def test_unexpected_bytes_after_the_request_drop_the_client(
 
 
 def test_client_count_limit(qrexec_system: QrexecSystem) -> None:
+    """``max_clients`` bounds clients holding a request; a slot freed is reused."""
     agent = FakeAgent(qrexec_system.vchan_dir, 5)
     qrexec_system.start_daemon("vm5", 5, env={"QREXEC_DAEMON_MAX_CLIENTS": "2"})
     control = agent.accept()
@@ -177,22 +178,53 @@ def test_client_count_limit(qrexec_system: QrexecSystem) -> None:
 
     path = qrexec_system.daemon_socket(5)
     wait_for(path.exists, 30, what="the daemon socket")
-    held = [RawClient(path), RawClient(path)]
-    for client in held:
+
+    def holding_client() -> RawClient:
+        client = RawClient(path)
         assert client.read() == Hello(3)
+        client.send(Hello(3))
+        client.send(ExecRequest(MsgType.EXEC_CMDLINE, 0, 0, b"u:x"))
+        reply = client.read()
+        assert isinstance(reply, ExecParams)
+        return client
+
+    held = [holding_client(), holding_client()]
     refused = RawClient(path)
+    assert refused.read() == Hello(3)
+    refused.send(Hello(3))
+    refused.send(ExecRequest(MsgType.EXEC_CMDLINE, 0, 0, b"u:x"))
     assert refused.closed()
     held[0].close()
     for _ in range(100):
-        retry = RawClient(path)
         try:
-            if retry.read() == Hello(3):
-                break
-        except (ConnectionError, OSError):
-            pass
+            retry = holding_client()
+        except (AssertionError, ConnectionError, OSError):
+            continue
         retry.close()
+        break
     else:
         pytest.fail("a slot freed by a leaving client was never reused")
+
+
+def test_idle_clients_oldest_dropped(qrexec_system: QrexecSystem) -> None:
+    """Clients that never send their request are capped: the oldest makes room."""
+    agent = FakeAgent(qrexec_system.vchan_dir, 5)
+    qrexec_system.start_daemon("vm5", 5, env={"QREXEC_DAEMON_MAX_CLIENTS": "2"})
+    control = agent.accept()
+    control.hello()
+    from qrexec.sim.processes import wait_for
+
+    path = qrexec_system.daemon_socket(5)
+    wait_for(path.exists, 30, what="the daemon socket")
+    idle = [RawClient(path), RawClient(path)]
+    for client in idle:
+        assert client.read() == Hello(3)
+    newcomer = RawClient(path)
+    assert newcomer.read() == Hello(3)
+    assert idle[0].closed()
+    newcomer.send(Hello(3))
+    newcomer.send(ExecRequest(MsgType.EXEC_CMDLINE, 0, 0, b"u:x"))
+    assert isinstance(newcomer.read(), ExecParams)
 
 
 def test_buffered_bytes_limit(qrexec_system: QrexecSystem) -> None:

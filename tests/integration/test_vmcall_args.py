@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,8 @@ from qrexec.client.client_vm_args import (
     parse_args,
 )
 from qrexec.errors import UsageError
-from qrexec.protocol.constants import MsgType
 from qrexec.protocol.framing import FrameDecoder
-from qrexec.protocol.messages import TriggerService3, TriggerService4
+from qrexec.protocol.messages import TriggerService4
 
 
 def test_options_stop_at_the_first_non_option() -> None:
@@ -72,11 +72,9 @@ def test_no_tty_means_no_filtering() -> None:
         ["--buffer-size=lots", "vm2", "svc"],
         ["--buffer-size=12", "vm2", "svc"],
         ["--unknown", "vm2", "svc"],
-        ["t" * 64, "svc"],
         ["vm2", ""],
         ["vm2", "+arg"],
         ["vm2", "s" * 65000],
-        ["-s", "q" * 64, "vm2", "svc"],
         ["--use-stdin-socket", "vm2", "svc", "/bin/true"],
     ],
 )
@@ -92,25 +90,32 @@ def test_help() -> None:
 
 def test_limits_are_the_wire_limits() -> None:
     opts = parse_args(["t" * 63, "s" * 64999], {})
-    frame = build_trigger(opts, 4)
+    frame = build_trigger(opts)
     (message,) = FrameDecoder(4).feed(frame)
     assert isinstance(message, TriggerService4)
     assert message.service_name == b"s" * 64999
 
 
-@pytest.mark.parametrize(
-    ("version", "kind"), [(4, MsgType.TRIGGER_SERVICE4), (3, MsgType.TRIGGER_SERVICE3)]
-)
-def test_trigger_layout(version: int, kind: MsgType) -> None:
-    opts = parse_args(["-s", "src", "vm2", "svc+arg"], {})
-    (message,) = FrameDecoder(4).feed(build_trigger(opts, version))
-    assert message.msg_type is kind
-    assert isinstance(message, TriggerService3 | TriggerService4)
-    assert message.request_id == b"SOCKET".ljust(32, b"\0")
-    assert message.target_domain == b"vm2".ljust(64, b"\0")
-    assert message.service_name == b"svc+arg"
-    if isinstance(message, TriggerService4):
-        assert message.source_domain == b"src".ljust(64, b"\0")
+def test_trigger_layout_is_always_v4_byte_for_byte() -> None:
+    # R4.3's client sends TRIGGER_SERVICE4 whatever the version; the agent converts.
+    opts = parse_args(["-s", "src", "vm2", "svc+arg"], {"QREXEC_PROTOCOL_VERSION": "3"})
+    payload = (
+        b"src".ljust(64, b"\0")
+        + b"vm2".ljust(64, b"\0")
+        + b"SOCKET".ljust(32, b"\0")
+        + b"svc+arg\0"
+    )
+    assert build_trigger(opts) == struct.pack("<II", 0x213, len(payload)) + payload
+
+
+def test_target_and_source_are_cut_to_63_bytes_and_only_target_gets_at() -> None:
+    # Spec §15.7: silently cut, no usage error; `$` -> `@` on the target only.
+    opts = parse_args(["-s", "$q" + "q" * 70, "$t" + "t" * 70, "svc"], {})
+    frame = build_trigger(opts)
+    payload = frame[8:]
+    assert payload[:64] == (b"$q" + b"q" * 61) + b"\0"
+    assert payload[64:128] == (b"@t" + b"t" * 61) + b"\0"
+    assert payload[160:] == b"svc\0"
 
 
 def test_local_program_resolved_inside_the_domain_root(tmp_path: Path) -> None:

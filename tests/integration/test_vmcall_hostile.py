@@ -143,6 +143,12 @@ def service_name_without_nul() -> bytes:
     return struct.pack("<II", MsgType.TRIGGER_SERVICE3, len(payload)) + payload
 
 
+def raw_trigger4(tail: bytes) -> bytes:
+    """A TRIGGER_SERVICE4 whose name tail is ``tail`` exactly (no NUL added)."""
+    payload = b"\0" * 64 + b"vm2".ljust(64, b"\0") + ident(b"SOCKET1") + tail
+    return struct.pack("<II", MsgType.TRIGGER_SERVICE4, len(payload)) + payload
+
+
 def oversize_name() -> bytes:
     payload = b"\0" * 64 + b"vm2".ljust(64, b"\0") + ident(b"SOCKET1") + b"a" * 65001 + b"\0"
     return struct.pack("<II", MsgType.TRIGGER_SERVICE4, len(payload)) + payload
@@ -156,11 +162,42 @@ def nul_inside_name() -> bytes:
     "frame",
     [
         service_name_without_nul(),
-        oversize_name(),
         nul_inside_name(),
+        raw_trigger4(b"a\0a"),
+    ],
+    ids=["missing-nul", "nul-inside", "nul-inside-unterminated"],
+)
+def test_name_nul_rules_refuse_and_keep_the_agent(world: World, frame: bytes) -> None:
+    """Spec §15.2: refused with the request id echoed, no policy asked, the agent kept."""
+    control = world.start_vm1()
+    control.send_raw(frame)
+    expect_refused(control, ident(b"SOCKET1"))
+    assert world.vmcalls.audit() == []
+    control.send_raw(trigger4(b"test.Deny", request_id=b"SOCKET2"))
+    expect_refused(control, ident(b"SOCKET2"))
+    assert len(world.vmcalls.audit()) == 1
+    assert not control.is_dropped(0.5)
+
+
+def test_section_15_2_sanitising_example(world: World) -> None:
+    """``a/b c\\xff+x y`` reaches the policy as ``a_b_c_+x_y``; a full-length v4 source
+    loses its last byte and is sanitised; nothing is refused for it."""
+    control = world.start_vm1()
+    payload = b"s" * 62 + b"/!" + b"vm2".ljust(64, b"\0") + ident(b"SOCKET4") + b"a/b c\xff+x y\0"
+    control.send_raw(struct.pack("<II", MsgType.TRIGGER_SERVICE4, len(payload)) + payload)
+    expect_refused(control, ident(b"SOCKET4"))
+    (decision,) = world.vmcalls.audit()
+    assert (decision["service"], decision["argument"]) == ("a_b_c_", "+x_y")
+    assert decision["requested_source"] == "s" * 62 + "_"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        oversize_name(),
         encode(TriggerService(b"test.Env", b"vm2", b"SOCKET1")),  # v2 type on a v4 channel
     ],
-    ids=["missing-nul", "oversize-name", "nul-inside", "v2-trigger-on-v4"],
+    ids=["oversize-name", "v2-trigger-on-v4"],
 )
 def test_protocol_violations_drop_the_agent(world: World, frame: bytes) -> None:
     control = world.start_vm1()
@@ -305,3 +342,23 @@ def test_qrexec_client_connect_completes_a_pending_request(
     silent_policy.release()
     with pytest.raises(TimeoutError):
         control.read(3)
+
+
+def test_v2_fields_lose_their_last_byte(world: World) -> None:
+    """Spec §15.2, v2: byte 63 of the name and byte 31 of the target are forced to NUL;
+    a name field holding ``\\0a`` is empty and refused without policy."""
+    world.version = 2
+    control = world.start_vm1()
+    assert control.version == 2
+    name = b"test.Deny+" + b"a" * 54
+    payload = name + b"v" * 32 + ident(b"SOCKET1")
+    control.send_raw(struct.pack("<II", MsgType.TRIGGER_SERVICE, len(payload)) + payload)
+    expect_refused(control, ident(b"SOCKET1"))
+    (decision,) = world.vmcalls.audit()
+    assert (decision["service"], decision["argument"]) == ("test.Deny", "+" + "a" * 53)
+    assert decision["requested_target"] == "v" * 31
+    payload = b"\0a".ljust(64, b"\0") + b"vm2".ljust(32, b"\0") + ident(b"SOCKET2")
+    control.send_raw(struct.pack("<II", MsgType.TRIGGER_SERVICE, len(payload)) + payload)
+    expect_refused(control, ident(b"SOCKET2"))
+    assert len(world.vmcalls.audit()) == 1
+    assert not control.is_dropped(0.5)

@@ -105,8 +105,11 @@ class VmCallSystem:
             "QUBES_RPC_CONFIG_PATH": "/etc/qubes/rpc-config",
         }
 
-    def start_policy_daemon(self, *extra: str) -> processes.ProcessRecord:
+    def start_policy_daemon(
+        self, *extra: str, wrapper: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> processes.ProcessRecord:
         argv = [
+            *wrapper,
             sys.executable,
             "-m",
             "qrexec.policy.decision.daemon",
@@ -122,7 +125,7 @@ class VmCallSystem:
             "policy",
             "dom0",
             argv,
-            self.system.env(0, self.dom0_env()),
+            self.system.env(0, {**self.dom0_env(), **(env or {})}),
             self.system.logs / "policy.dom0.log",
         )
         self.system.records.append(record)
@@ -150,13 +153,14 @@ class VmCallSystem:
         agent_env: Mapping[str, str] | None = None,
         daemon_env: Mapping[str, str] | None = None,
         daemon_args: Sequence[str] = (),
+        agent_wrapper: Sequence[str] = (),
     ) -> Domain:
         system = self.system
         self.vms[name] = system.domain(name, domid)
         self.write_system_info({n: d.domid for n, d in self.vms.items()})
         env = {"QREXEC_AGENT_SOCKET": str(self.agent_socket(name))}
         env.update(agent_env or {})
-        system.start_agent(name, domid, env)
+        system.start_agent(name, domid, env, wrapper=agent_wrapper)
         denv = self.dom0_env()
         denv.update(daemon_env or {})
         args = ["-u", vm_uuid(domid), "--policy-program", policy_program(), *daemon_args]

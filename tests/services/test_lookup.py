@@ -120,7 +120,8 @@ def test_socket_and_tcp_services(tmp_path: Path) -> None:
     os.symlink("/dev/tcp/127.0.0.1/8080", folder / "tcp.Full")
     os.symlink("/dev/tcp/::1", folder / "tcp.Host")
     os.symlink("/dev/tcp", folder / "tcp.Bare")
-    assert find(tmp_path, "tcp.Full+ignored").tcp == ("127.0.0.1", 8080)
+    assert find(tmp_path, "tcp.Full").tcp == ("127.0.0.1", 8080)
+    assert find(tmp_path, "tcp.Full+").tcp == ("127.0.0.1", 8080)
     assert find(tmp_path, "tcp.Host+22").tcp == ("::1", 22)
     assert find(tmp_path, "tcp.Bare+127.0.0.1+443").tcp == ("127.0.0.1", 443)
     assert find(tmp_path, "tcp.Bare+++1+443").tcp == ("::1", 443)
@@ -134,11 +135,80 @@ def test_socket_and_tcp_services(tmp_path: Path) -> None:
         ("/dev/tcp/127.0.0.1", "70000"),
         ("/dev/tcp", "noport"),
         ("/dev/tcp/1/2/3", ""),
+        # Spec §15.6, every /dev/tcp error case:
+        ("/dev/tcp/", ""),  # a symlink to /dev/tcp/
+        ("/dev/tcp/", "127.0.0.1+22"),
+        ("/dev/tcp", ""),  # missing host
+        ("/dev/tcp", "127.0.0.1"),  # missing port
+        ("/dev/tcp", "1_2+22"),  # `_` in the host
+        ("/dev/tcp", "+22"),  # empty host
+        ("/dev/tcp/127.0.0.1", ""),  # /dev/tcp/HOST without ARG
+        ("/dev/tcp/::1", ""),
+        ("/dev/tcp/127.0.0.1/22", "x"),  # /dev/tcp/HOST/PORT with an ARG
+        ("/dev/tcp/127.0.0.1", "0"),
+        ("/dev/tcp/127.0.0.1", "022"),  # leading zero
+        ("/dev/tcp/127.0.0.1", "65536"),
+        ("/dev/tcp/127.0.0.1", "-1"),
+        ("/dev/tcp/127.0.0.1", "+22"),
+        ("/dev/tcp/127.0.0.1/", ""),
+        ("/dev/tcp/example.org/22", ""),  # not numeric
+        ("/dev/tcp/1.2.3.4%x/22", ""),  # `%` forces IPv6
+        ("/dev/tcp/::1%no-such-if/22", ""),
     ],
 )
 def test_bad_tcp_targets(link: str, arg: str) -> None:
     with pytest.raises(ServiceError):
         parse_tcp_target(link, arg)
+
+
+@pytest.mark.parametrize(
+    ("link", "arg", "expected"),
+    [
+        ("/dev/tcp", "++1+22", ("::1", 22)),  # earlier `+` are `:`, port after the last
+        ("/dev/tcp", "127.0.0.1+65535", ("127.0.0.1", 65535)),
+        ("/dev/tcp/127.0.0.1", "1", ("127.0.0.1", 1)),
+        ("/dev/tcp/::1/22", "", ("::1", 22)),
+    ],
+)
+def test_good_tcp_targets(link: str, arg: str, expected: tuple[str, int]) -> None:
+    assert parse_tcp_target(link, arg) == expected
+
+
+def test_dangling_symlinks_count_as_absent(tmp_path: Path) -> None:
+    # Spec §7: a dangling symlink is skipped and the search goes on.
+    run = tmp_path / "run/qubes-rpc"
+    run.mkdir(parents=True)
+    os.symlink("/nonexistent/target", run / "svc+arg")
+    os.symlink("/nonexistent/target", run / "svc")
+    plain = put(tmp_path, "/etc/qubes-rpc/svc")
+    target = find(tmp_path, "svc+arg")
+    assert target.path == str(plain) and target.file_name == "svc"
+    os.symlink("/nonexistent/target", run / "gone")
+    with pytest.raises(ServiceNotFound):
+        find(tmp_path, "gone")
+
+
+def test_symlink_stat_errors_fail_the_call(tmp_path: Path) -> None:
+    run = tmp_path / "run/qubes-rpc"
+    run.mkdir(parents=True)
+    os.symlink("/dev/null/x", run / "svc")  # ENOTDIR, not ENOENT
+    put(tmp_path, "/etc/qubes-rpc/svc")
+    with pytest.raises(ServiceError) as info:
+        find(tmp_path, "svc")
+    assert not isinstance(info.value, ServiceNotFound)
+
+
+def test_dangling_config_symlink_is_absent(tmp_path: Path) -> None:
+    root = DomainRoot(str(tmp_path))
+    first = tmp_path / "run/qubes/rpc-config"
+    first.mkdir(parents=True)
+    os.symlink("/nonexistent", first / "svc")
+    later = put(tmp_path, "/etc/qubes/rpc-config/svc", "wait-for-session = 1\n", 0o644)
+    dirs = ["/run/qubes/rpc-config", "/etc/qubes/rpc-config"]
+    assert find_config(split_service_name("svc"), dirs, root) == str(later)
+    os.symlink("/dev/null/x", first / "bad")
+    with pytest.raises(ServiceError):
+        find_config(split_service_name("bad"), dirs, root)
 
 
 def test_config_lookup_and_search_path() -> None:

@@ -65,7 +65,7 @@ def test_cli_round_trip(run_dir: Path) -> None:
     assert (call.returncode, call.stdout) == (5, b"from b\nx\n")
     denied = sim(run_dir, "call", "b", "a", "t.Cat")
     assert denied.returncode == 126
-    local = sim(run_dir, "call", "a", "b", "t.Cat", "--", "sh", "-c", "echo hi; exec cat >&2")
+    local = sim(run_dir, "call", "a", "b", "t.Cat", "--", "/bin/sh", "-c", "echo hi; exec cat >&2")
     assert (local.returncode, local.stderr) == (5, b"from b\nhi\n")
     logs = sim(run_dir, "logs", "-n", "3").stdout.decode()
     assert "==> daemon.a.log <==" in logs and "==> policy audit log <==" in logs

@@ -4,9 +4,11 @@ Protocol: spec §6.1 (:mod:`qrexec.policy.decision.wire`). One query per connect
 written and the connection closed. Many connections are served at once (an ``ask`` waiting
 for the user does not hold up anyone else). A malformed query — unknown, duplicate or
 missing key, garbage, NUL, oversize, or a client that goes away or stalls before the empty
-line — is logged with its reason and the connection closed without an answer; the daemon
-keeps serving. It also serves policy.EvalSimple and policy.EvalGUI (spec §6.4) on their
-own sockets. Policy edits are picked up by the next request (:mod:`qrexec.policy.loading.reload`).
+line — is logged with its reason (once a minute for a flood) and the connection closed
+without an answer; the daemon keeps serving. At most 256 connections per socket may be
+waiting for their request; beyond that the oldest is dropped (:mod:`qrexec.listening`).
+It also serves policy.EvalSimple and policy.EvalGUI (spec §6.4) on their own sockets.
+Policy edits are picked up by the next request (:mod:`qrexec.policy.loading.reload`).
 
 Usage::
 
@@ -35,10 +37,12 @@ from collections.abc import Mapping
 from typing import Final
 
 from qrexec.errors import RemoteProtocolError
+from qrexec.listening import GuardedServer, RateLimitedWarning, request_complete
 from qrexec.policy.decision.decide import Decider
 from qrexec.policy.decision.decider_setup import add_decider_arguments, build_decider
 from qrexec.policy.decision.eval_services import EvalService
 from qrexec.policy.decision.socket_service import (
+    MAX_IDLE_CONNECTIONS,
     ConnectionTracker,
     remove_socket,
     start_unix_service,
@@ -55,6 +59,10 @@ ENV_EVAL_SOCKET: Final = "QREXEC_POLICY_EVAL_SOCKET"
 ENV_GUI_SOCKET: Final = "QREXEC_POLICY_GUI_SOCKET"
 #: A client has this long to send its whole query (qrexec-daemon sends it at once).
 QUERY_TIMEOUT: Final = 10.0
+#: Environment overrides of :data:`QUERY_TIMEOUT` and of the idle-connection cap of each
+#: socket (:data:`~qrexec.policy.socket_service.MAX_IDLE_CONNECTIONS`).
+ENV_QUERY_TIMEOUT: Final = "QREXEC_POLICY_QUERY_TIMEOUT"
+ENV_MAX_IDLE: Final = "QREXEC_POLICY_MAX_IDLE_CONNECTIONS"
 
 
 async def read_query(reader: asyncio.StreamReader) -> PolicyQuery:
@@ -72,21 +80,25 @@ async def read_query(reader: asyncio.StreamReader) -> PolicyQuery:
 class PolicyServer:
     """The policy.sock connection handler around a :class:`Decider`."""
 
-    def __init__(self, decider: Decider) -> None:
+    def __init__(self, decider: Decider, query_timeout: float = QUERY_TIMEOUT) -> None:
         self.decider = decider
+        self.query_timeout = query_timeout
         self.served = 0
         self.refused = 0
+        #: A flood of bad or silent clients is logged once a minute, not per client.
+        self._bad_query = RateLimitedWarning(log)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                async with asyncio.timeout(QUERY_TIMEOUT):
+                async with asyncio.timeout(self.query_timeout):
                     query = await read_query(reader)
             except (RemoteProtocolError, TimeoutError, ConnectionError) as exc:
                 self.refused += 1
-                why = str(exc) or f"no complete query within {QUERY_TIMEOUT:g} s"
-                log.warning("malformed policy query, connection closed: %s", why)
+                why = str(exc) or f"no complete query within {self.query_timeout:g} s"
+                self._bad_query.warning("malformed policy query, connection closed: %s", why)
                 return
+            request_complete()
             response = await self.decider.decide(query, channel="policy.sock")
             self.served += 1
             try:
@@ -98,6 +110,19 @@ class PolicyServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+def _env_positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
 
 
 def _socket_path(value: str | None, env: Mapping[str, str], name: str, default: str) -> str:
@@ -148,18 +173,22 @@ async def serve(
         "EvalGUI": _socket_path(args.gui_socket_path, env, ENV_GUI_SOCKET, DEFAULT_GUI_SOCKET),
     }
     handlers = {
-        "policy": PolicyServer(decider).handle,
+        "policy": PolicyServer(
+            decider, _env_positive(env, ENV_QUERY_TIMEOUT, QUERY_TIMEOUT)
+        ).handle,
         "EvalSimple": EvalService(decider, gui=False).handle,
         "EvalGUI": EvalService(decider, gui=True).handle,
     }
-    servers: list[tuple[str, asyncio.Server]] = []
+    max_idle = int(_env_positive(env, ENV_MAX_IDLE, MAX_IDLE_CONNECTIONS))
+    servers: list[tuple[str, GuardedServer]] = []
     connections = ConnectionTracker()
     stop = stop or asyncio.Event()
     try:
         for what, path in paths.items():
             if path:
                 handler = connections.wrap(handlers[what])
-                servers.append((path, await start_unix_service(path, handler)))
+                server = await start_unix_service(path, handler, max_idle=max_idle)
+                servers.append((path, server))
                 log.info("serving %s on %s", what, path)
         if ready is not None:
             ready.set()

@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import itertools
 import logging
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
 from qrexec.errors import LocalProtocolError, RemoteProtocolError, TransportBroken
+from qrexec.listening import GuardedServer, listen_backlog, request_complete, restrict_socket
+from qrexec.unix_address import unix_address
 
 log = logging.getLogger(__name__)
 
 #: The longest descriptor we read: the service name may be ~65000 bytes (spec §8).
 MAX_DESCRIPTOR_BYTES: Final = 65536 + 512
+#: Most connections of one socket service that have not sent their request yet.
+MAX_IDLE_CONNECTIONS: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,7 @@ async def read_service_call(
         ) from None
     descriptor = parse_descriptor(raw[:-1])
     body = await read_to_eof(reader, max_body, "service input")
+    request_complete()
     return descriptor, body
 
 
@@ -188,14 +193,18 @@ async def call_via_qrexec_client(argv: list[str], body: bytes, *, max_reply: int
 ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def start_unix_service(path: str, handler: ConnectionHandler) -> asyncio.Server:
+async def start_unix_service(
+    path: str, handler: ConnectionHandler, *, max_idle: int = MAX_IDLE_CONNECTIONS
+) -> GuardedServer:
     """Listen on ``path`` with mode 0660, group ``qubes`` when that group exists (spec §8).
 
     The socket is bound, given its mode and listening under a temporary name in the same
     directory, then renamed into place: whoever sees ``path`` appear (a testbed waiting for
     it, a client) can connect at once and never meets a socket with the wrong mode. A stale
     socket left by a dead process is replaced; any other kind of file at ``path`` is an
-    error (we never delete what is not a socket).
+    error (we never delete what is not a socket). At most ``max_idle`` connections may be
+    waiting for their request (:mod:`qrexec.listening`; handlers call
+    :func:`~qrexec.listening.request_complete`), with the kernel's full backlog.
     """
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -204,23 +213,21 @@ async def start_unix_service(path: str, handler: ConnectionHandler) -> asyncio.S
     os.makedirs(parent, exist_ok=True)
     temporary = os.path.join(parent, f".sock-{os.getpid()}-{next(_temporary_names)}")
     remove_socket(temporary)
-    server = await asyncio.start_unix_server(handler, temporary, limit=MAX_DESCRIPTOR_BYTES)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        os.chmod(temporary, 0o660)
-        try:
-            gid = grp.getgrnam("qubes").gr_gid
-        except KeyError:
-            gid = None
-        if gid is not None:
-            try:
-                os.chown(temporary, -1, gid)
-            except PermissionError:
-                log.warning("%s: cannot give the socket to group qubes", path)
+        with unix_address(temporary) as address:
+            sock.bind(address)
+        restrict_socket(temporary)
+        sock.listen(listen_backlog())
         os.rename(temporary, path)
     except BaseException:
-        server.close()
+        sock.close()
         remove_socket(temporary)
         raise
+    server = GuardedServer(
+        sock, handler, what=f"socket {path}", max_idle=max_idle, limit=MAX_DESCRIPTOR_BYTES
+    )
+    server.start()
     return server
 
 
