@@ -73,6 +73,14 @@ class BlockingStream(Protocol):
         """Return 1..max_bytes bytes, or ``b""`` at end of stream."""
         ...
 
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        """Like ``recv(len(buffer))`` into the start of ``buffer``: 1..len(buffer), 0 at end.
+
+        The bulk paths use it with one preallocated buffer; backends that can fill it
+        without an intermediate ``bytes`` do so.
+        """
+        ...
+
     def close(self) -> None:
         """Close; idempotent, never raises."""
         ...
@@ -107,6 +115,10 @@ class AsyncStream(Protocol):
 
     async def recv(self, max_bytes: int) -> bytes:
         """Return 1..max_bytes bytes, or ``b""`` at end of stream."""
+        ...
+
+    async def recv_into(self, buffer: bytearray | memoryview) -> int:
+        """Like ``recv(len(buffer))`` into the start of ``buffer``: 1..len(buffer), 0 at end."""
         ...
 
     def close(self) -> None:

@@ -226,6 +226,11 @@ class MemoryStream:
         _check_size(max_bytes)
         return self._ep.pipe_in.run_blocking(lambda: self._ep.recv_step(max_bytes), None, "recv")
 
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        data = self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:
         self._ep.close()
 
@@ -251,6 +256,11 @@ class AsyncMemoryStream:
     async def recv(self, max_bytes: int) -> bytes:
         _check_size(max_bytes)
         return await self._ep.pipe_in.run_async(lambda: self._ep.recv_step(max_bytes))
+
+    async def recv_into(self, buffer: bytearray | memoryview) -> int:
+        data = await self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def close(self) -> None:
         self._ep.close()

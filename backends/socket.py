@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from qrexec.backends.defaults import DEFAULT_READ_MIN, DEFAULT_WRITE_MIN
 from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
+    RECV_CHUNK_MAX,
     BoundSocket,
     as_path,
     connect_once,
@@ -73,9 +74,6 @@ LAYOUTS: tuple[Layout, ...] = ("flat", "isolated")
 #: Xen domain ids are 16 bits; ids from 0x7FF0 up are reserved (DOMID_FIRST_RESERVED).
 MAX_DOMAIN_ID = 0x7FEF
 MAX_PORT = 0xFFFF
-
-#: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
-RECV_CHUNK_MAX = 256 * 1024
 
 
 def check_domain(value: int, what: str = "domain id") -> int:
@@ -220,6 +218,54 @@ class SocketStream:
         if not data and self._guard.closed:
             raise TransportClosed("recv: the vchan was closed by this side")
         return data
+
+    def splice_from(self, header: bytes | bytearray | memoryview, pipe_fd: int, count: int) -> None:
+        """Send ``header``, then ``count`` bytes moved by the kernel from the pipe ``pipe_fd``
+        (Linux ``splice``): the payload never passes through user space, and on kernels
+        where unix sockets take spliced pages it is not copied at all.
+
+        The ``count`` bytes must already be in the pipe (``FIONREAD``) and nobody else may
+        read it; a pipe that runs dry first breaks the stream (its frame cannot be ended).
+        """
+        self._guard.enter("send")
+        try:
+            self._sock.sendall(header, socket.MSG_NOSIGNAL | socket.MSG_MORE)
+            out = self._sock.fileno()
+            while count:
+                moved = os.splice(pipe_fd, out, count)
+                if not moved:
+                    raise TransportBroken("the input pipe ran dry inside a frame")
+                count -= moved
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("send: the vchan was closed by this side") from exc
+            raise TransportBroken(
+                f"send: peer domain {self._remote_domain} port {self._port} is gone ({exc})"
+            ) from exc
+        finally:
+            self._guard.leave()
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        """Fill the start of ``buffer`` with 1..len(buffer) bytes; 0 at end of stream.
+
+        Like :meth:`recv`, but the bytes go from the kernel straight into ``buffer``.
+        """
+        if len(buffer) <= 0:
+            raise ValueError("recv_into needs a non-empty buffer")
+        self._guard.enter("recv")
+        try:
+            count = self._sock.recv_into(buffer)
+        except ConnectionResetError:
+            count = 0
+        except OSError as exc:
+            if self._guard.closed:
+                raise TransportClosed("recv: the vchan was closed by this side") from exc
+            raise TransportBroken(f"recv from domain {self._remote_domain}: {exc}") from exc
+        finally:
+            self._guard.leave()
+        if not count and self._guard.closed:
+            raise TransportClosed("recv: the vchan was closed by this side")
+        return count
 
     def close(self) -> None:
         self._guard.close()

@@ -36,6 +36,8 @@ def as_path(text: str) -> Path:
 #: cap so that a long wait costs a few wake-ups per second, not a busy loop.
 CONNECT_RETRY_FIRST = 0.001
 CONNECT_RETRY_MAX = 0.05
+#: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
+RECV_CHUNK_MAX = 256 * 1024
 #: After this long without a server the wait is a long one (a caller that never listens,
 #: or a hostile peer naming unserved ports): back off further, to a cap of 1 s, so that
 #: hundreds of such waits cost next to no CPU.

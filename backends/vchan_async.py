@@ -157,6 +157,31 @@ class AsyncVchanStream:
                 return b""
             await self._wait_change()
 
+    async def recv_into(self, buffer: bytearray | memoryview) -> int:
+        if len(buffer) <= 0:
+            raise ValueError("recv_into needs a non-empty buffer")
+        while True:
+            if self._closed:
+                raise TransportClosed("recv on a closed vchan")
+            if self._recv_buf:
+                count = min(len(buffer), len(self._recv_buf))
+                buffer[:count] = memoryview(self._recv_buf)[:count]
+                del self._recv_buf[:count]
+                self._pump()  # room again: refill from the ring
+                return count
+            if self._eof:
+                return 0
+            if not self._ring_closed:
+                # Nothing buffered: take what the ring has straight into the caller's buffer.
+                got = self._ring.read_into(buffer)
+                if got is None:
+                    self._eof = True
+                    continue
+                if got:
+                    self._pump()  # the peer may be waiting for the room we just made
+                    return got
+            await self._wait_change()
+
     def close(self) -> None:
         if self._closed:
             return

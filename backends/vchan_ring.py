@@ -155,6 +155,15 @@ class Ring:
             return None
         return self._ffi.buffer(self._buf, got)[:] if got else b""
 
+    def read_into(self, buffer: bytearray | memoryview) -> int | None:
+        """Like :meth:`read`, straight into ``buffer`` (no intermediate copy): a count, 0
+        when nothing is there yet, None at end of stream."""
+        target = self._ffi.from_buffer(buffer, require_writable=True)
+        got = self._lib.libxenvchan_read(self._ctrl, target, len(buffer))
+        if got < 0 or (got == 0 and self._peer_dead):
+            return None
+        return int(got)
+
     def write(self, data: memoryview) -> int:
         """Put as much of ``data`` as fits into the ring; -1 when the peer is gone."""
         if self._peer_dead:

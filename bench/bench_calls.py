@@ -1,4 +1,5 @@
-"""dom0 -> VM call latency: our CLI, the in-process client and Qubes' C programs, one run.
+"""dom0 -> VM calls: latency of our CLI, the in-process client and Qubes' C programs, and
+stream throughput through our daemon and agent, in one run.
 
 Starts one VM (``qrexec-agent`` + ``qrexec-daemon``) of ours and one of Qubes' C programs
 (:mod:`latency_support`), each on the socket backend in its own temporary folder, then
@@ -11,27 +12,40 @@ measures round-robin, N times each (medians):
   main'``), and the C ``qrexec-client`` against the C daemon and agent;
 * the in-process client (``Dom0Client.run``) against our daemon and against the C one;
 
-then throughput dom0 -> VM and VM -> dom0 through our CLI as a ratio to a plain unix-socket
-copy of the same size between two processes. Prints the install mode first: an editable
-install pays for setuptools' import hook at every start.
+then throughput dom0 -> VM and VM -> dom0 through our CLI (whole calls, start-up included)
+as a ratio to a plain unix-socket copy of the same size between two processes, and the
+**data-phase stream section** (:func:`throughput_section`): the same two directions timed
+from the first data byte to the end of the stream where the bytes land, with the CPU of
+the client and the agent per GiB (set-up CPU of an empty call subtracted), against a plain
+unix-socket copy timed the same way, median of ``--rounds``; the same streams through
+Qubes' C programs in the same run, with our/C ratios. Prints the install mode first: an
+editable install pays for setuptools' import hook at every start.
 
-Run: ``python bench/bench_calls.py [--calls 200] [--mib 64] [--no-c]``.
+Run: ``python bench/bench_calls.py [--calls 200] [--mib 64] [--rounds 3] [--no-c]``
+(``--throughput-only`` runs only the data-phase section). The machine is shared and noisy,
+so only the ratios mean something.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import throughput_support as tp
 from latency_support import Stack, c_bin, install_mode, measure, report, run_timed, script
 
 from qrexec.client.api import Dom0Client
+from qrexec.sim import processes
 
 #: A plain unix-socket copy: the child receives and discards, the parent sends zeros.
 PLAIN_COPY = """
@@ -79,6 +93,193 @@ print(peak_kib())
 CONCURRENT_RSS_LIMIT_MIB = 60
 
 
+def client_argv() -> list[str]:
+    program = shutil.which("qrexec-client")
+    return [program] if program else [sys.executable, "-m", "qrexec.client.cli"]
+
+
+def timed(argv: list[str], env: dict[str, str], **kwargs: object) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, **kwargs)  # type: ignore[call-overload]
+    return time.perf_counter() - start
+
+
+def start_vm(base: Path) -> tuple[dict[str, str], list[processes.ProcessRecord]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
+    env.update(QREXEC_TRANSPORT="socket", VCHAN_SOCKET_DIR=str(base / "vchan"))
+    (base / "vchan").mkdir()
+    sockets = base / "qubes"
+    env["QREXEC_DAEMON_SOCKET_DIR"] = str(sockets)
+    agent, _ = processes.spawn(
+        "agent",
+        "vm1",
+        [sys.executable, "-m", "qrexec.agent.cli", "--domain-root", str(base / "root")],
+        # Its trigger socket stays in the bench's folder, not the host's /var/run/qubes.
+        {**env, "VCHAN_DOMAIN": "1", "QREXEC_AGENT_SOCKET": str(base / "agent.sock")},
+        base / "agent.log",
+    )
+    daemon, _ = processes.spawn(
+        "daemon",
+        "vm1",
+        [sys.executable, "-m", "qrexec.daemon.cli", "--direct", "-q", "1", "vm1"],
+        {**env, "VCHAN_DOMAIN": "0"},
+        base / "daemon.log",
+    )
+    records = [agent, daemon]
+    processes.wait_for(
+        (sockets / "qrexec.1").exists, 60, watch=records, what="the agent to connect"
+    )
+    return {**env, "VCHAN_DOMAIN": "0"}, records
+
+
+# ---------------------------------------------------------------------- throughput section
+#: The C system's VM (its own vchan and socket folders, so the two systems never meet).
+C_VM_ID = 3
+C_VM_NAME = "cvm"
+
+
+def c_vm_user() -> str:
+    """As root the C agent runs in a user namespace as ``nobody`` (it switches users)."""
+    return "nobody" if os.geteuid() == 0 else getpass.getuser()
+
+
+def start_c_vm(base: Path, bindir: Path) -> tuple[dict[str, str], list[processes.ProcessRecord]]:
+    """Qubes' C qrexec-daemon and qrexec-agent for one VM over the socket vchan."""
+    from qrexec.sim.cpeer import program
+    from qrexec.sim.testbed import clean_environment
+
+    cdir = base / "c"
+    for sub in ("vchan", "qubes", "qubes-rpc", "rpc-config"):
+        (cdir / sub).mkdir(parents=True)
+    env = clean_environment()
+    env.update(VCHAN_SOCKET_DIR=str(cdir / "vchan"), QREXEC_DAEMON_SOCKET_DIR=str(cdir / "qubes"))
+    wrapper: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        wrapper = ["unshare", "--user", f"--map-user={nobody.pw_uid}",
+                   f"--map-group={nobody.pw_gid}"]  # fmt: skip
+    agent_env = {
+        **env,
+        "VCHAN_DOMAIN": str(C_VM_ID),
+        "QREXEC_SERVICE_PATH": str(cdir / "qubes-rpc"),
+        "QUBES_RPC_CONFIG_PATH": str(cdir / "rpc-config"),
+    }
+    agent, _ = processes.spawn(
+        "c-agent", C_VM_NAME,
+        [*wrapper, str(program("qrexec-agent", bindir)), "-S", "-a", str(cdir / "agent.sock")],
+        agent_env, cdir / "agent.log",
+    )  # fmt: skip
+    daemon, _ = processes.spawn(
+        "c-daemon", C_VM_NAME,
+        [str(program("qrexec-daemon", bindir)), "-D", f"--socket-dir={cdir / 'qubes'}",
+         f"--uuid=00000000-0000-4000-8000-{C_VM_ID:012d}", "--policy-program=/bin/false",
+         str(C_VM_ID), C_VM_NAME, c_vm_user()],
+        {**env, "VCHAN_DOMAIN": "0"}, cdir / "daemon.log",
+    )  # fmt: skip
+    records = [agent, daemon]
+    processes.wait_for(
+        (cdir / "qubes" / f"qrexec.{C_VM_ID}").exists, 60, watch=records, what="the C agent"
+    )
+    return {**env, "VCHAN_DOMAIN": "0"}, records
+
+
+def stream_once(
+    client: list[str], env: dict[str, str], target: str, direction: str, size: int, base: Path
+) -> tuple[float, float]:
+    """One dom0 -> VM call moving ``size`` bytes; (data-phase seconds, client CPU)."""
+    source, sink = base / "source.py", base / "sink.py"
+    result = base / "sink.result"
+    user, vm = target.split("@")
+    python = sys.executable
+    if direction == "dom0->VM":
+        producer = subprocess.Popen([python, str(source), str(size)], stdout=subprocess.PIPE)
+        assert producer.stdout is not None
+        call = subprocess.Popen(
+            [*client, "-d", vm, f"{user}:{python} {sink} {result}"],
+            stdin=producer.stdout, stdout=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        producer.stdout.close()
+        code, cpu = tp.wait_cpu(call)
+        producer.wait()
+    else:
+        consumer = subprocess.Popen([python, str(sink), str(result)], stdin=subprocess.PIPE)
+        assert consumer.stdin is not None
+        call = subprocess.Popen(
+            [*client, "-d", vm, f"{user}:{python} {source} {size}"],
+            stdin=subprocess.DEVNULL, stdout=consumer.stdin, env=env,
+        )  # fmt: skip
+        consumer.stdin.close()
+        code, cpu = tp.wait_cpu(call)
+        consumer.wait()
+    if code != 0:
+        raise RuntimeError(f"{direction} stream through {client[0]} exited {code}")
+    return tp.read_sink(result, size), cpu
+
+
+def throughput_section(
+    base: Path, env: dict[str, str], agent_pids: list[int], size: int, rounds: int
+) -> None:
+    """Data-phase stream throughput and CPU per GiB, ours and C, against a plain copy."""
+    tp.write_scripts(base)
+    base.chmod(0o755)
+    systems: dict[str, tuple[list[str], dict[str, str], str, list[int]]] = {
+        "ours": (client_argv(), env, f"{getpass.getuser()}@vm1", agent_pids)
+    }
+    c_records: list[processes.ProcessRecord] = []
+    try:
+        try:
+            from qrexec.sim.cpeer import build, program
+
+            bindir = build()
+            c_env, c_records = start_c_vm(base, bindir)
+            systems["C"] = (
+                [str(program("qrexec-client", bindir)), f"--socket-dir={base / 'c' / 'qubes'}"],
+                c_env,
+                f"{c_vm_user()}@{C_VM_NAME}",
+                [record.pid for record in c_records],
+            )
+        except Exception as exc:  # the C programs are a comparison, not a requirement
+            print(f"Qubes' C programs not run: {exc}")
+        directions = ("dom0->VM", "VM->dom0")
+        samples: dict[str, list[tuple[float, float]]] = {"plain unix-socket copy": []}
+        setup: dict[str, list[float]] = {name: [] for name in systems}
+        for _ in range(rounds):
+            plain = tp.plain_copy(size)
+            samples["plain unix-socket copy"].append((plain.seconds, plain.cpu))
+            for name, (client, call_env, target, resident) in systems.items():
+                setup[name].append(
+                    tp.timed_stream(
+                        partial(stream_once, client, call_env, target, directions[0], 0, base),
+                        resident,
+                    )[1]
+                )
+                for direction in directions:
+                    samples.setdefault(f"{name} {direction}", []).append(
+                        tp.timed_stream(
+                            partial(stream_once, client, call_env, target, direction, size, base),
+                            resident,
+                        )
+                    )
+        rows = {
+            label: tp.median_sample(
+                values, 0.0 if label.startswith("plain") else statistics.median(
+                    setup[label.split()[0]])
+            )
+            for label, values in samples.items()
+        }  # fmt: skip
+        print(
+            f"stream data phase, {size >> 20} MiB, median of {rounds} rounds; CPU = client + "
+            "agent (+ daemon), less an empty call's"
+        )
+        for name in systems:
+            print(f"  set-up CPU of an empty call, {name}: {statistics.median(setup[name]):.3f} s")
+        tp.report(size, rows, [(f"ours {d}", f"C {d}") for d in directions])
+    finally:
+        processes.stop(c_records)
+
+
 def throughput(ours: Stack, client: str, mib: int) -> None:
     env = ours.dom0_env()
     size = mib << 20
@@ -106,9 +307,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per variant")
     parser.add_argument("--mib", type=int, default=64, help="MiB per throughput run (0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="data-phase section rounds")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="only the data-phase stream section"
+    )
     parser.add_argument("--no-c", action="store_true", help="skip Qubes' C programs")
     args = parser.parse_args()
     print(f"install mode: {install_mode()}; python {sys.executable}")
+    if args.throughput_only:
+        return stream_section(args.mib or 256, args.rounds)
     base = Path(tempfile.mkdtemp(prefix="qrx-bc-", dir="/tmp"))
     stacks: list[Stack] = []
     try:
@@ -169,11 +376,25 @@ def main() -> int:
         print(f"  pip console-script wrapper (imports re) costs about {wrapper:.2f} ms")
         concurrent(env, user, 100)
         if args.mib:
-            print(f"throughput through our CLI ({args.mib} MiB):")
+            print(f"throughput through our CLI ({args.mib} MiB, whole calls):")
             throughput(ours, client, args.mib)
     finally:
         for stack in stacks:
             stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    if args.mib:
+        return stream_section(args.mib, args.rounds)
+    return 0
+
+
+def stream_section(mib: int, rounds: int) -> int:
+    """The data-phase stream section on a VM of its own (see the module docstring)."""
+    base = Path(tempfile.mkdtemp(prefix="qrx-bench-"))
+    env, records = start_vm(base)
+    try:
+        throughput_section(base, env, [r.pid for r in records], mib << 20, rounds)
+    finally:
+        processes.stop(records)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

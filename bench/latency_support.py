@@ -62,14 +62,7 @@ def script(name: str) -> str:
 
 
 def c_bin() -> Path:
-    """The C programs' bin folder; the source beside the project when not configured."""
-    if not os.environ.get("QREXEC_CPEER_SRC"):
-        # A regular install's cpeer module lives in site-packages, far from the source:
-        # look beside this checkout (and its parents, for worktrees) instead.
-        for folder in Path(__file__).resolve().parents[1:]:
-            beside = folder / "shared" / "reference" / "c-peer"
-            if (beside / "build.sh").exists():
-                return cpeer.build(src=beside)
+    """The C programs' bin folder (:func:`qrexec.sim.cpeer.source_dir` finds the source)."""
     return cpeer.build()
 
 

@@ -10,7 +10,8 @@ Commands (``qrexec-sim COMMAND --help`` for details)::
     logs [NAME...]                  the programs' logs and the policy audit log
     trace                           per-call timelines of a testbed started with up --trace
     down                            stop everything that up started, remove its sockets
-    compose [--topology FILE]       print the compose file for a topology
+    compose [--topology FILE]       print the compose file for a topology (a multi-host
+                                    file: -o FILE, keys written to FILE's folder)
     demo                            the README walk-through: up, calls, file copy, down
 
 The run directory (``--run-dir`` or ``$QREXEC_SIM_RUN_DIR``) holds one testbed's state, so
@@ -196,6 +197,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_compose(args: argparse.Namespace) -> int:
     from qrexec.sim.compose import render_compose
 
+    if args.topology and _multi_host_file(args.topology):
+        return _compose_multi_host(args)
     if args.topology:
         topo_path = Path(args.topology)
         out_dir = Path(args.output).parent if args.output else Path.cwd()
@@ -217,10 +220,52 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bind_source(relative: str) -> str:
+    """A relative folder as a compose bind source (``examples`` alone names a volume)."""
+    return relative if relative.startswith((".", "/")) else "./" + relative
+
+
+def _compose_multi_host(args: argparse.Namespace) -> int:
+    """``compose --topology MULTI.toml -o FILE``: FILE, and FILE's OpenSSH keys beside it."""
+    from qrexec.sim.air.air_topology import load_air_topology
+    from qrexec.sim.air.compose_air import render_air_compose, write_ssh_material
+
+    if not args.output:
+        raise ValueError("a multi-host compose file comes with its keys: give -o FILE")
+    topo_path = Path(args.topology)
+    air = load_air_topology(topo_path)
+    output = Path(args.output)
+    out_dir = output.absolute().parent
+    ssh_dir = output.absolute().with_name(output.stem + "-ssh")
+    write_ssh_material(air, ssh_dir)
+    text = render_air_compose(
+        air,
+        source=topo_path.name,
+        ssh_dir="./" + ssh_dir.name,
+        topology_dir=_bind_source(os.path.relpath(topo_path.parent.absolute(), out_dir)),
+        topology_name=topo_path.name,
+        build_context=os.path.relpath(Path(args.context).absolute(), out_dir),
+    )
+    output.write_text(text)
+    _progress(f"wrote {output} and its OpenSSH keys in {ssh_dir}")
+    return 0
+
+
 def cmd_container(args: argparse.Namespace) -> int:
     from qrexec.sim import container
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.host:
+        # One host of a multi-host compose project (sim/air/compose_air.py).
+        from qrexec.sim.air import container_relay
+        from qrexec.sim.air.air_topology import load_air_topology
+
+        air = load_air_topology(args.topology)
+        topology, remote_vms = container_relay.host_view(air, args.host)
+        if args.role == "dom0":
+            return container.Dom0Supervisor(topology, remote_vms).run()
+        sidecar = container_relay.relay_sidecar(air, args.host, args.role)
+        return container.run_vm(topology, args.role, sidecar)
     topology = _topology(args.topology)
     if args.role == "dom0":
         return container.Dom0Supervisor(topology).run()
@@ -300,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("container")  # what the containers run; not listed
     p.add_argument("role")
     p.add_argument("--topology")
+    p.add_argument("--host", help="the host this container belongs to (multi-host files)")
     p.set_defaults(func=cmd_container)
 
     return parser

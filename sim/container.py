@@ -32,8 +32,10 @@ import socketserver
 import sys
 import threading
 import uuid as uuid_mod
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from qrexec.sim import processes, roots
 from qrexec.sim.compose import AGENT_PID_FILE as AGENT_PID_PATH
@@ -211,11 +213,22 @@ def power_socket(vm: str | None = None) -> Path:
     return Path(POWER_DIR) / (vm or "") / "power.sock"
 
 
-def run_vm(topology: Topology, name: str) -> int:
+class Sidecar(Protocol):
+    """Something a VM container runs next to its agent (a relay qube's sshd, sim/air)."""
+
+    def prepare(self) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_vm(topology: Topology, name: str, sidecar: Sidecar | None = None) -> int:
     """Main of a VM container."""
     supervisor = VmSupervisor(topology, name)
     supervisor.prepare()
     open_pair_dirs()
+    if sidecar is not None:
+        sidecar.prepare()
+        sidecar.start()
     path = power_socket()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
@@ -228,6 +241,8 @@ def run_vm(topology: Topology, name: str) -> int:
     _wait_forever(threading.Event())
     server.shutdown()
     supervisor.stop()
+    if sidecar is not None:
+        sidecar.stop()
     path.unlink(missing_ok=True)
     return 0
 
@@ -257,8 +272,12 @@ class _Daemon:
 class Dom0Supervisor:
     """dom0's programs in a container; the qubesd stand-in's domain control."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(
+        self, topology: Topology, remote_vms: Mapping[str, Mapping[str, object]] | None = None
+    ) -> None:
         self.topology = topology
+        #: System-info records of other hosts' qubes (RemoteVMs, sim/air), as they are.
+        self.remote_vms = dict(remote_vms or {})
         self.lock = threading.RLock()
         self.domains: dict[str, _Daemon] = {
             d.name: _Daemon(DomainState(d.name, d.id, d.uuid, running=d.is_dom0))
@@ -358,6 +377,10 @@ class Dom0Supervisor:
     def _write_system_info(self) -> None:
         running = [n for n, d in self.domains.items() if d.state.running]
         info = roots.system_info(self.topology, running, self.extra.values())
+        if self.remote_vms:
+            domains = info["domains"]
+            assert isinstance(domains, dict)
+            domains.update(self.remote_vms)
         roots.write_system_info(SYSTEM_INFO, info)
 
     def run(self) -> int:

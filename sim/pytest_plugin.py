@@ -9,7 +9,9 @@ Fixtures:
   torn down after it, with ``install_service``, ``set_policy``, ``set_ask_answers``, ``call``,
   ``exec``, ``audit``... A multi-host topology gives a
   :class:`~qrexec.sim.air.testbed.AirTestbed` instead: ``call("hostA:vm1", "hostB:vm2", …)``
-  and ``hosts[NAME]``, each host a ``RunningTestbed``.
+  and ``hosts[NAME]``, each host a ``RunningTestbed`` (in container mode an
+  :class:`~qrexec.sim.air.container_testbed.AirContainerTestbed`: ``call("hostA:vm1",
+  "hostB:vm2", …)``, ``set_policy(HOST, …)``, ``audit(HOST)``).
 * ``qrexec_testbed_factory`` - ``factory(topology=None)`` starts more testbeds in one test
   (all torn down after it).
 
@@ -39,6 +41,7 @@ import pytest
 
 if TYPE_CHECKING:
     from qrexec.sim.air.air_topology import AirTopology
+    from qrexec.sim.air.container_testbed import AirContainerTestbed
     from qrexec.sim.container_harness import ContainerTestbed
     from qrexec.sim.engine import Engine
     from qrexec.sim.harness import RunningTestbed
@@ -190,18 +193,24 @@ def _topology_file(request: pytest.FixtureRequest, topology: Any) -> Path | None
 @pytest.fixture
 def qrexec_testbed(
     request: pytest.FixtureRequest, qrexec_topology: Any
-) -> Iterator[RunningTestbed | ContainerTestbed]:
+) -> Iterator[RunningTestbed | ContainerTestbed | AirContainerTestbed]:
     """A testbed of ``qrexec_topology``, running for this test (processes or containers)."""
     if _mode(request) == "processes":
         factory = request.getfixturevalue("qrexec_testbed_factory")
         yield factory(qrexec_topology)
         return
+    from qrexec.sim.air.air_topology import AirTopology
+    from qrexec.sim.air.container_testbed import AirContainerTestbed
     from qrexec.sim.container_harness import ContainerTestbed
 
     engine, image, base = request.getfixturevalue("qrexec_container_engine")
-    testbed = ContainerTestbed(
-        engine, topology_file=_topology_file(request, qrexec_topology), image=image, base=base
-    )
+    topology_file = _topology_file(request, qrexec_topology)
+    testbed: ContainerTestbed | AirContainerTestbed
+    if topology_file is not None and isinstance(_as_topology(topology_file), AirTopology):
+        # Several hosts: one compose project, hosts joined by their relays (sim/air).
+        testbed = AirContainerTestbed(engine, topology_file, image=image, base=base)
+    else:
+        testbed = ContainerTestbed(engine, topology_file=topology_file, image=image, base=base)
     try:
         testbed.start()
         yield testbed

@@ -31,6 +31,7 @@ SHARED = frozenset(
         "qrexec.lazy_logging",
         "qrexec.unix_address",
         "qrexec.trace",
+        "qrexec.pipe_buffers",
         "qrexec.listening",
         "qrexec.trace_merge",
         "qrexec._record",

@@ -19,15 +19,17 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import sys
 import threading
 from collections.abc import Callable
 
 from qrexec import trace
 from qrexec.errors import ProtocolError, TransportError
 from qrexec.lazy_logging import get_logger
-from qrexec.protocol.constants import MsgType
-from qrexec.protocol.framing import FrameDecoder, read_message
-from qrexec.protocol.messages import Data, ExitStatus, Hello, encode
+from qrexec.pipe_buffers import enlarge_pipe
+from qrexec.protocol.constants import HEADER_SIZE, MsgType
+from qrexec.protocol.framing import DataFramer, FrameBuffer, FrameDecoder, read_message
+from qrexec.protocol.messages import HEADER, Data, ExitStatus, Hello, encode
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
 
 TYPE_CHECKING = False  # typing is not imported at run time: the clients load this module
@@ -43,6 +45,8 @@ log = get_logger(__name__)
 #: Exit code when the service side vanished without sending its exit code.
 CLOSED_EARLY_EXIT = 255
 RECV_SIZE = 256 * 1024
+#: Buffers per ``writev`` (POSIX guarantees 16 at least; Linux takes 1024).
+WRITEV_MAX = 512
 SERVICE_MESSAGE_TYPES = frozenset(
     {MsgType.DATA_STDOUT, MsgType.DATA_STDERR, MsgType.DATA_EXIT_CODE}
 )
@@ -106,6 +110,21 @@ def _write_all(fd: int, data: bytes) -> bool:
     return True
 
 
+def _writev_all(fd: int, views: list[memoryview]) -> bool:
+    """Write payloads straight from the receive buffer, several per system call."""
+    while views:
+        try:
+            written = os.writev(fd, views[:WRITEV_MAX])
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views = views[1:]
+        if written:
+            views = [views[0][written:], *views[1:]]
+    return True
+
+
 class _InputSender:
     """Sends prefix data, input and STDIN EOF from a thread; the EOF goes out once."""
 
@@ -124,6 +143,13 @@ class _InputSender:
             self.stream.send(encode(Data(MsgType.DATA_STDIN, data)))
         return True
 
+    def _send_frames(self, frames: memoryview) -> bool:
+        with self.lock:
+            if self.stopped or self.eof_sent:
+                return False
+            self.stream.send(frames)
+        return True
+
     def run(self) -> None:
         try:
             prefix = self.io.prefix_data
@@ -131,20 +157,69 @@ class _InputSender:
                 if not self._send(prefix[offset : offset + self.chunk]):
                     return
             fd = self.io.stdin_fd
+            # Splicing reads a pipe to its end; with a next input to switch to (SIGUSR1
+            # single-socket mode) the input is read by hand.
+            if fd is not None and self.io.next_input is None and self._splice_input(fd):
+                self.send_eof()
+                return
+            # Input is read straight into frames (several per read) and sent as they are.
+            framer = DataFramer(MsgType.DATA_STDIN, self.chunk)
             while fd is not None and not self.stopped:
                 try:
-                    data = os.read(fd, self.chunk)
+                    count = os.readv(fd, framer.payloads)
                 except (ConnectionResetError, OSError) as exc:
                     log.debug("reading input: %s", exc)
-                    data = b""
-                if not data:
+                    count = 0
+                if not count:
                     fd = self.io.next_input() if self.io.next_input is not None else None
                     continue
-                if not self._send(data):
+                if not self._send_frames(framer.frames(count)):
                     break
             self.send_eof()
         except TransportError as exc:
             log.debug("input relay stopped: %s", exc)
+
+    def _splice_input(self, fd: int) -> bool:
+        """Input from a pipe, spliced into the vchan socket frame by frame (Linux).
+
+        Each frame's length is what the pipe holds (``FIONREAD``, at most one chunk); its
+        header is sent, then the payload moves pipe -> socket inside the kernel. False
+        (and nothing read) when this cannot apply: no ``os.splice``, a stream without
+        ``splice_from`` (vchan, memory), or input that is not a pipe.
+        """
+        splice_from = getattr(self.stream, "splice_from", None)
+        if splice_from is None or not hasattr(os, "splice"):
+            return False
+        try:
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return False
+        except OSError:
+            return False
+        import fcntl
+        import select
+        import termios
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        size = bytearray(4)
+        header = bytearray(HEADER_SIZE)
+        while not self.stopped:
+            fcntl.ioctl(fd, termios.FIONREAD, size)
+            available = int.from_bytes(size, sys.byteorder)
+            if not available:
+                events = poller.poll()
+                if events and not events[0][1] & select.POLLIN:
+                    return True  # hang-up with nothing left: end of input
+                continue
+            while available:
+                count = min(available, self.chunk)
+                HEADER.pack_into(header, 0, MsgType.DATA_STDIN, count)
+                with self.lock:
+                    if self.stopped or self.eof_sent:
+                        return True
+                    splice_from(header, fd, count)
+                available -= count
+        return True
 
     def send_eof(self, *, wait: bool = True) -> None:
         """Send STDIN EOF unless already sent; with ``wait`` False, skip if busy."""
@@ -174,49 +249,77 @@ def _close_output(fd: int) -> None:
 
 
 def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
-    """Run the data phase; the service's exit code (or :data:`CLOSED_EARLY_EXIT`)."""
+    """Run the data phase; the service's exit code (or :data:`CLOSED_EARLY_EXIT`).
+
+    Output payloads are written from the receive buffer itself, consecutive chunks of one
+    stream in one ``writev``.
+    """
+    for fd in (io.stdin_fd, io.stdout_fd):
+        if fd is not None:
+            enlarge_pipe(fd)
     sender = _InputSender(stream, max_data_chunk(version), io)
     thread = threading.Thread(target=sender.run, name="qrexec-stdin", daemon=True)
     thread.start()
-    decoder = FrameDecoder(version, allowed=SERVICE_MESSAGE_TYPES)
+    frames = FrameBuffer(version, allowed=SERVICE_MESSAGE_TYPES)
+    view = frames.view
     outputs = {MsgType.DATA_STDOUT: io.stdout_fd, MsgType.DATA_STDERR: io.stderr_fd}
     filters = {MsgType.DATA_STDOUT: io.filter_stdout, MsgType.DATA_STDERR: io.filter_stderr}
     open_outputs = {MsgType.DATA_STDOUT: True, MsgType.DATA_STDERR: True}
     if trace.ON:
         trace.point("client.hello", call=trace.CLI_CALL, version=version)
     seen_first = False
+    pending: list[memoryview] = []
+    pending_kind = MsgType.DATA_STDOUT
+
+    def flush() -> None:
+        if pending and not _writev_all(outputs[pending_kind], pending):
+            open_outputs[pending_kind] = False
+        pending.clear()
+
     try:
         while True:
-            data = stream.recv(RECV_SIZE)
-            if not data:
-                decoder.close()
+            count = stream.recv_into(frames.free_space())
+            if not count:
+                frames.close()
                 log.warning("vchan connection closed early")
                 return CLOSED_EARLY_EXIT
-            for message in decoder.feed(data):
-                if isinstance(message, ExitStatus):
-                    if trace.ON:
-                        trace.point("client.exit_code", call=trace.CLI_CALL, code=message.code)
-                    sender.stopped = True
-                    sender.send_eof(wait=False)
-                    return message.code
-                assert isinstance(message, Data)
-                kind = message.msg_type
-                if not open_outputs[kind]:
-                    continue
-                if message.is_eof:
-                    if trace.ON:
-                        trace.point("client.eof", call=trace.CLI_CALL, stream=kind.name)
-                    open_outputs[kind] = False
-                    if kind is MsgType.DATA_STDOUT and io.close_stdout_at_eof:
-                        _close_output(outputs[kind])
-                        io.stdout_closed = True
-                    continue
-                if not seen_first and trace.ON:
-                    trace.point("client.output.first_byte", call=trace.CLI_CALL)
-                seen_first = True
-                payload = filter_escapes(message.data) if filters[kind] else message.data
-                if not _write_all(outputs[kind], payload):
-                    open_outputs[kind] = False
+            frames.filled(count)
+            try:
+                while (frame := frames.next_frame()) is not None:
+                    kind, start, end = frame
+                    if kind is MsgType.DATA_EXIT_CODE:
+                        flush()
+                        message = frames.message(kind, start, end)
+                        assert isinstance(message, ExitStatus)
+                        if trace.ON:
+                            trace.point("client.exit_code", call=trace.CLI_CALL, code=message.code)
+                        sender.stopped = True
+                        sender.send_eof(wait=False)
+                        return message.code
+                    if not open_outputs[kind]:
+                        continue
+                    if kind is not pending_kind:
+                        flush()
+                        pending_kind = kind
+                    if start == end:
+                        flush()
+                        if trace.ON:
+                            trace.point("client.eof", call=trace.CLI_CALL, stream=kind.name)
+                        open_outputs[kind] = False
+                        if kind is MsgType.DATA_STDOUT and io.close_stdout_at_eof:
+                            _close_output(outputs[kind])
+                            io.stdout_closed = True
+                        continue
+                    if not seen_first and trace.ON:
+                        trace.point("client.output.first_byte", call=trace.CLI_CALL)
+                    seen_first = True
+                    if filters[kind]:
+                        pending.append(memoryview(filter_escapes(bytes(view[start:end]))))
+                    else:
+                        pending.append(view[start:end])
+            finally:
+                # Whole frames before a bad one are still delivered, in order.
+                flush()
     except ProtocolError as exc:
         log.warning("service side broke the data protocol: %s", exc)
         return CLOSED_EARLY_EXIT

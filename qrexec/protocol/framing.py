@@ -278,6 +278,147 @@ class FrameDecoder:
             messages.append(message)
 
 
+#: A :class:`FrameBuffer`'s size: a few frames per refill, and at least two frames' caps so
+#: a partial frame moved to the front always leaves room for the rest of it.
+FRAME_BUFFER_SIZE = 512 * 1024
+#: How much input one :class:`DataFramer` round carries (as several frames).
+FRAMER_ROUND_SIZE = 256 * 1024
+
+
+class FrameBuffer:
+    """A receive buffer that hands out whole frames as views into itself, copying nothing.
+
+    The bulk paths' counterpart of :class:`FrameDecoder`: the caller receives straight into
+    :meth:`free_space` (``recv_into``), reports the count with :meth:`filled`, then takes
+    frames with :meth:`next_frame` as ``(type, start, end)``: the payload is
+    ``view[start:end]``, valid until the next :meth:`free_space` (which may move a partial
+    frame to the front). Every header is checked (:func:`check_header`) as soon as its
+    8 bytes are there, before its payload is waited for, so the buffer never holds more
+    than what a correct peer may send, and a frame is handed out only once it is whole (a
+    peer that stops inside a frame has none of it delivered, as with the decoder). After a
+    :class:`RemoteProtocolError` the buffer stays broken. Does no I/O.
+    """
+
+    def __init__(
+        self,
+        version: int,
+        *,
+        allowed: Collection[MsgType] | None = None,
+        size: int = FRAME_BUFFER_SIZE,
+    ) -> None:
+        self._version = check_version(version)
+        if size < 2 * max_frame_size(self._version):
+            raise LocalProtocolError(f"a frame buffer of {size} bytes is below two frames")
+        self._allowed = None if allowed is None else frozenset(allowed)
+        self._buffer = bytearray(size)
+        self.view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out as frames."""
+        return self._end - self._start
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is pending."""
+        return self._start == self._end
+
+    def free_space(self) -> memoryview:
+        """Where the next received bytes go (never empty); invalidates earlier payloads."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buffer) - self._end < max_frame_size(self._version):
+            # Only a partial frame is left: move it to the front (at most one frame's cap).
+            pending = self._end - self._start
+            self._buffer[:pending] = self.view[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self.view[self._end :]
+
+    def filled(self, count: int) -> None:
+        """``count`` bytes were received into :meth:`free_space`."""
+        if not 0 <= count <= len(self._buffer) - self._end:
+            raise LocalProtocolError(f"filled({count}) is beyond the free space")
+        self._end += count
+
+    def next_frame(self) -> tuple[MsgType, int, int] | None:
+        """The next whole frame as ``(type, payload start, payload end)``, or None for now."""
+        if self._error is not None:
+            raise self._error
+        available = self._end - self._start
+        if available < HEADER_SIZE:
+            return None
+        msg_type, length = HEADER.unpack_from(self._buffer, self._start)
+        try:
+            kind = check_header(msg_type, length, self._version, self._allowed)
+        except RemoteProtocolError as exc:
+            self._error = exc
+            raise
+        if available - HEADER_SIZE < length:
+            return None
+        start = self._start + HEADER_SIZE
+        self._start = start + length
+        return kind, start, start + length
+
+    def message(self, kind: MsgType, start: int, end: int) -> Message:
+        """Decode a frame that :meth:`next_frame` returned (for the small control messages)."""
+        return decode_payload(kind, bytes(self.view[start:end]))
+
+    def close(self) -> None:
+        """Declare end of stream; raises if the peer stopped in the middle of a frame."""
+        if self._error is not None:
+            raise self._error
+        if self._start != self._end:
+            raise RemoteProtocolError(
+                f"stream ended in the middle of a frame ({self._end - self._start} bytes of it)"
+            )
+
+
+class DataFramer:
+    """Builds DATA frames of one type in place, so input is read straight into frames.
+
+    :attr:`payloads` are the payload areas of up to :data:`FRAMER_ROUND_SIZE` bytes of
+    consecutive frames, each ``chunk`` bytes long with room for its header before it: a
+    ``readv`` into them fills them in order, and :meth:`frames` then writes the headers
+    around the ``count`` bytes read and returns one contiguous view ready for one ``send``
+    - no ``bytes`` per frame, no copy between the read and the send. The view is valid
+    until the next round. Does no I/O.
+    """
+
+    def __init__(self, kind: MsgType, chunk: int, round_size: int = FRAMER_ROUND_SIZE) -> None:
+        if kind not in _DATA_CAPPED or kind is MsgType.DATA_EXIT_CODE:
+            raise LocalProtocolError(f"{kind.name} is not a data stream")
+        if chunk <= 0:
+            raise LocalProtocolError(f"chunk size must be positive, not {chunk}")
+        self._kind = int(kind)
+        self._chunk = chunk
+        count = max(1, round_size // chunk)
+        self._stride = HEADER_SIZE + chunk
+        self._buffer = bytearray(count * self._stride)
+        self._view = memoryview(self._buffer)
+        self.payloads = [
+            self._view[i * self._stride + HEADER_SIZE : (i + 1) * self._stride]
+            for i in range(count)
+        ]
+        #: The most :meth:`frames` can wrap in one round.
+        self.capacity = count * chunk
+
+    def frames(self, count: int) -> memoryview:
+        """Headers around the ``count`` bytes just read into :attr:`payloads`; the frames."""
+        if not 0 < count <= self.capacity:
+            raise LocalProtocolError(f"{count} bytes do not fit this framer's round")
+        full, rest = divmod(count, self._chunk)
+        pack_into, kind, chunk, stride = HEADER.pack_into, self._kind, self._chunk, self._stride
+        for index in range(full):
+            pack_into(self._buffer, index * stride, kind, chunk)
+        if rest:
+            pack_into(self._buffer, full * stride, kind, rest)
+            return self._view[: full * stride + HEADER_SIZE + rest]
+        return self._view[: full * stride]
+
+
 def encode_checked(message: Message, version: int) -> bytes:
     """Encode ``message`` after checking it against the caps of ``version``.
 

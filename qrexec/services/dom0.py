@@ -57,7 +57,7 @@ from qrexec.errors import (
 )
 from qrexec.protocol.cmdline import NOGUI_PREFIX, ServiceName, split_service_name
 from qrexec.protocol.constants import MAX_SERVICE_FILE_NAME, ExitCode, MsgType
-from qrexec.protocol.messages import Data, Hello, encode
+from qrexec.protocol.messages import Hello, encode
 from qrexec.protocol.negotiation import negotiate
 from qrexec.services import relay as service_io
 from qrexec.services.launch import clean_environment
@@ -314,26 +314,17 @@ async def _relay_process(channel: service_io.DataChannel, prepared: PreparedServ
     stdin.setblocking(False)
     stdout.setblocking(False)
 
+    async def deliver(views: list[memoryview]) -> bool:
+        return await service_io.writev_fd(stdin.fileno(), views)
+
+    def end_input() -> None:
+        with contextlib.suppress(OSError):
+            stdin.shutdown(socket.SHUT_WR)
+
     async def take_input() -> None:
-        """The caller's STDIN until the vchan ends (which is when this returns)."""
-        open_ = True
-        while True:
-            try:
-                message = await channel.receive()
-            except RemoteProtocolError as exc:
-                log.warning("caller broke the data protocol: %s", exc)
-                return
-            if message is None:
-                return
-            assert isinstance(message, Data)
-            if not open_:
-                continue  # the service closed its stdin: the rest is dropped
-            if message.is_eof:
-                with contextlib.suppress(OSError):
-                    stdin.shutdown(socket.SHUT_WR)
-                open_ = False
-            elif not await service_io.write_fd(stdin.fileno(), message.data):
-                open_ = False
+        """The caller's STDIN until the vchan ends (which is when this returns); once the
+        service has closed its stdin, the rest is dropped (spec §15.1)."""
+        await service_io.relay_stdin(channel, deliver, end_input)
 
     async def produce() -> int:
         while data := await service_io.read_fd(stdout.fileno(), channel.max_chunk):

@@ -36,21 +36,21 @@ from collections.abc import Awaitable, Callable
 from qrexec import trace
 from qrexec.backends.base import AsyncStream
 from qrexec.errors import RemoteProtocolError, TransportError
+from qrexec.pipe_buffers import enlarge_pipe, enlarge_send_buffer
 from qrexec.protocol.constants import HEADER_SIZE, SIGNAL_EXIT_BASE, MsgType
-from qrexec.protocol.framing import FrameDecoder, hello_length, hello_version
+from qrexec.protocol.framing import DataFramer, FrameBuffer, hello_length, hello_version
 from qrexec.protocol.messages import (
     Data,
     ExitStatus,
     Hello,
-    Message,
     encode,
 )
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
 
 log = logging.getLogger(__name__)
 
-#: How much one read from a vchan may return.
-RECV_SIZE = 256 * 1024
+#: Buffers per ``writev`` (POSIX guarantees 16 at least; Linux takes 1024).
+WRITEV_MAX = 512
 
 
 def exit_status(returncode: int) -> int:
@@ -129,6 +129,35 @@ async def read_fd(fd: int, size: int) -> bytes:
         await wait_fd(fd)
 
 
+def readv_now(fd: int, buffers: list[memoryview]) -> int | None:
+    """One non-blocking ``readv``: the count, 0 at EOF, None when nothing is there yet."""
+    try:
+        return os.readv(fd, buffers)
+    except BlockingIOError:
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return 0
+
+
+async def writev_fd(fd: int, views: list[memoryview]) -> bool:
+    """Write all of ``views``, in order, to a non-blocking fd (several per system call);
+    False when the reader is gone."""
+    while views:
+        try:
+            written = os.writev(fd, views[:WRITEV_MAX])
+        except BlockingIOError:
+            await wait_fd(fd, write=True)
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views = views[1:]
+        if written:
+            views = [views[0][written:], *views[1:]]
+    return True
+
+
 async def write_fd(fd: int, data: bytes) -> bool:
     """Write all of ``data`` to a non-blocking fd; False when the reader is gone."""
     view = memoryview(data)
@@ -161,22 +190,30 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> int:
 
 
 class DataChannel:
-    """Our end of one data vchan after the handshake: framed sends and receives."""
+    """Our end of one data vchan after the handshake: framed sends and receives.
+
+    The bulk paths copy nothing in user space: input from the service is read straight
+    into frames (:class:`~qrexec.protocol.framing.DataFramer`) and sent as they are, and
+    the caller's STDIN is received into one buffer
+    (:class:`~qrexec.protocol.framing.FrameBuffer`) and written to the service from there.
+    """
 
     def __init__(self, stream: AsyncStream, version: int) -> None:
         self.stream = stream
         self.version = version
         self.max_chunk = max_data_chunk(version)
-        self._decoder = FrameDecoder(version, allowed=(MsgType.DATA_STDIN,))
-        self._queue: list[Message] = []
         #: The call's ``vchan=`` key in trace lines (set by the agent when tracing).
         self.trace_key = ""
         self._traced: set[MsgType] = set()
 
-    async def send_data(self, kind: MsgType, data: bytes) -> None:
+    def trace_first(self, kind: MsgType) -> None:
+        """Trace the first data of ``kind`` this call sends (a no-op unless tracing)."""
         if trace.ON and kind not in self._traced:
             self._traced.add(kind)
             trace.point("agent.first_byte", vchan=self.trace_key, stream=kind.name)
+
+    async def send_data(self, kind: MsgType, data: bytes) -> None:
+        self.trace_first(kind)
         for offset in range(0, len(data), self.max_chunk):
             await self.stream.send(encode(Data(kind, data[offset : offset + self.max_chunk])))
 
@@ -203,60 +240,83 @@ class DataChannel:
             await self.send_eof(MsgType.DATA_STDOUT)
         await self.send_exit(code)
 
-    async def receive(self) -> Message | None:
-        """The caller's next message (only STDIN is allowed); None when it has gone."""
-        while not self._queue:
-            data = await self.stream.recv(RECV_SIZE)
-            if not data:
-                return None
-            self._queue.extend(self._decoder.feed(data))
-        message = self._queue.pop(0)
-        if trace.ON and MsgType.DATA_STDIN not in self._traced:
-            self._traced.add(MsgType.DATA_STDIN)
-            trace.point("agent.stdin_first", vchan=self.trace_key)
-        return message
 
-
-async def _relay_stdin(
-    channel: DataChannel, deliver: Callable[[bytes], Awaitable[bool]], end: Callable[[], None]
+async def relay_stdin(
+    channel: DataChannel,
+    deliver: Callable[[list[memoryview]], Awaitable[bool]],
+    end: Callable[[], None],
 ) -> bool:
     """Caller's STDIN into the service until the caller goes away.
 
-    Returns only when the caller has closed the vchan (or broke the protocol), which is a
-    normal end once the exit code has been sent and an abort before.
+    Payloads go to ``deliver`` as views into the receive buffer, consecutive ones
+    together. Returns only when the caller has closed the vchan (or broke the protocol),
+    which is a normal end once the exit code has been sent and an abort before.
     """
+    frames = FrameBuffer(channel.version, allowed=(MsgType.DATA_STDIN,))
+    view = frames.view
+    stream = channel.stream
     open_ = True
+    traced = False
+    pending: list[memoryview] = []
     while True:
+        count = await stream.recv_into(frames.free_space())
+        if not count:
+            return False
+        if trace.ON and not traced:
+            traced = True
+            trace.point("agent.stdin_first", vchan=channel.trace_key)
+        frames.filled(count)
         try:
-            message = await channel.receive()
+            while (frame := frames.next_frame()) is not None:
+                if not open_:
+                    continue  # the service closed its stdin; upstream drops the rest too
+                _, start, stop = frame
+                if start != stop:
+                    pending.append(view[start:stop])
+                    continue
+                if pending and not await deliver(pending):
+                    pending = []
+                    end()
+                    open_ = False
+                    continue
+                pending = []
+                end()
+                open_ = False
         except RemoteProtocolError as exc:
             log.warning("caller broke the data protocol: %s", exc)
             return False
-        if message is None:
-            return False
-        assert isinstance(message, Data)
-        if not open_:
-            continue  # the service closed its stdin; upstream drops the rest too
-        if message.is_eof or not await deliver(message.data):
-            end()
-            open_ = False
+        if pending:
+            if not await deliver(pending):
+                end()
+                open_ = False
+            pending = []
 
 
 async def _pump(channel: DataChannel, kind: MsgType, fd: int) -> None:
-    while data := await read_fd(fd, channel.max_chunk):
-        await channel.send_data(kind, data)
+    framer = DataFramer(kind, channel.max_chunk)
+    while True:
+        count = readv_now(fd, framer.payloads)
+        if count is None:
+            await wait_fd(fd)
+            continue
+        if not count:
+            return
+        channel.trace_first(kind)
+        await channel.stream.send(framer.frames(count))
 
 
 async def _pump_until(
     channel: DataChannel, kind: MsgType, fd: int, stop: asyncio.Future[None]
 ) -> None:
     """Like :func:`_pump`, but once ``stop`` is done only what is already readable goes."""
+    framer = DataFramer(kind, channel.max_chunk)
     while True:
-        data = read_now(fd, channel.max_chunk)
-        if data == b"":
+        count = readv_now(fd, framer.payloads)
+        if count == 0:
             return
-        if data is not None:
-            await channel.send_data(kind, data)
+        if count is not None:
+            channel.trace_first(kind)
+            await channel.stream.send(framer.frames(count))
             continue
         if stop.done():
             return
@@ -299,6 +359,8 @@ async def relay_process(
     """
     for fd in (stdin_sock.fileno(), stdout_fd, stderr_fd):
         os.set_blocking(fd, False)
+    enlarge_send_buffer(stdin_sock)
+    enlarge_pipe(stdout_fd)
     exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     sock_fd = stdin_sock.fileno()
 
@@ -321,8 +383,8 @@ async def relay_process(
         await channel.send_eof(MsgType.DATA_STDERR)
 
     caller_gone = asyncio.ensure_future(
-        _relay_stdin(
-            channel, lambda data: write_fd(sock_fd, data), lambda: _shutdown_write(stdin_sock)
+        relay_stdin(
+            channel, lambda views: writev_fd(sock_fd, views), lambda: _shutdown_write(stdin_sock)
         )
     )
     code_box: list[int] = []
@@ -404,7 +466,7 @@ async def relay_socket(
             await client_eof
 
     caller_gone = asyncio.ensure_future(
-        _relay_stdin(channel, lambda data: write_fd(fd, data), on_client_eof)
+        relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof)
     )
     try:
         if await _race(produce(), caller_gone):

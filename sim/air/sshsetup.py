@@ -75,14 +75,17 @@ def generate_key(path: Path, comment: str) -> str:
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
-def entry_command(peer: str, config: Path) -> list[str]:
-    """The forced command for one peer's key: our entry, with the peer's name bound in."""
-    return [sys.executable, "-m", "qrexec.air.entry", "--peer", peer, "--config", str(config)]
+def entry_command(peer: str, config: Path, python: str = sys.executable) -> list[str]:
+    """The forced command for one peer's key: our entry, with the peer's name bound in
+    (``python``: the interpreter where sshd runs, e.g. a container's own)."""
+    return [python, "-m", "qrexec.air.entry", "--peer", peer, "--config", str(config)]
 
 
-def authorized_key_line(peer: str, public_key: str, config: Path) -> str:
+def authorized_key_line(
+    peer: str, public_key: str, config: Path, python: str = sys.executable
+) -> str:
     """``restrict,command="ENTRY --peer PEER" KEY``: no shell, pty, forwarding or agent."""
-    command = shlex.join(entry_command(peer, config))
+    command = shlex.join(entry_command(peer, config, python))
     if '"' in command or "\n" in command:
         raise SshSetupError(f"cannot quote the entry command {command!r} for authorized_keys")
     return f'restrict,command="{command}" {public_key}'

@@ -52,6 +52,30 @@ def proxy_script(config: Path) -> str:
     return f'#!/bin/sh\nexec {command} "$@"\n'
 
 
+def relay_topology(host: Host, script: str) -> Topology:
+    """``host``'s topology with ``qubesair.SSHProxy`` (``script``) in every relay qube."""
+    topology = dataclasses.replace(host.topology, domains=list(host.topology.domains))
+    relays = {host.relay, *(r.relayvm for r in host.remotes)}
+    for index, dom in enumerate(topology.domains):
+        if dom.name in relays:
+            service = ServiceSpec(name="qubesair.SSHProxy", script=script)
+            topology.domains[index] = dataclasses.replace(dom, services=[*dom.services, service])
+    return topology
+
+
+def local_name(air: AirTopology, source_host: str, target: str) -> str:
+    """How ``source_host`` names ``target`` (``HOST:VM``, or a name of its own)."""
+    host_name, colon, vm = target.partition(":")
+    if not colon:
+        return target
+    if host_name == source_host:
+        return vm
+    name = air.host(source_host).local_name_of(host_name, vm)
+    if name is None:
+        raise AirTestbedError(f"{source_host} knows no RemoteVM for {target}")
+    return name
+
+
 class AirTestbed:
     """Several hosts, each a :class:`RunningTestbed`, and the sshd of each relay."""
 
@@ -158,16 +182,7 @@ class AirTestbed:
 
     def _host_topology(self, host: Host) -> Topology:
         """The host's topology with the transport service in every relay qube."""
-        topology = dataclasses.replace(host.topology, domains=list(host.topology.domains))
-        relays = {host.relay, *(r.relayvm for r in host.remotes)}
-        script = proxy_script(self.ssh_dir(host.name) / "proxy.json")
-        for index, dom in enumerate(topology.domains):
-            if dom.name in relays:
-                service = ServiceSpec(name="qubesair.SSHProxy", script=script)
-                topology.domains[index] = dataclasses.replace(
-                    dom, services=[*dom.services, service]
-                )
-        return topology
+        return relay_topology(host, proxy_script(self.ssh_dir(host.name) / "proxy.json"))
 
     def _start_host(self, host: Host) -> None:
         assert self.network is not None
@@ -331,15 +346,7 @@ class AirTestbed:
     # Calls ------------------------------------------------------------------------------
     def local_name(self, source_host: str, target: str) -> str:
         """How ``source_host`` names ``target`` (``HOST:VM``, or a name of its own)."""
-        host_name, colon, vm = target.partition(":")
-        if not colon:
-            return target
-        if host_name == source_host:
-            return vm
-        name = self.air.host(source_host).local_name_of(host_name, vm)
-        if name is None:
-            raise AirTestbedError(f"{source_host} knows no RemoteVM for {target}")
-        return name
+        return local_name(self.air, source_host, target)
 
     def call_argv(
         self, source: str, target: str, service: str, local_program: Sequence[str] = ()

@@ -18,7 +18,7 @@ import pytest
 
 from qrexec.backends.select import load_backend
 from qrexec.backends.socket import SocketBackend, make_backend
-from qrexec.errors import TransportClosed, TransportUnavailable
+from qrexec.errors import TransportBroken, TransportClosed, TransportUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -242,3 +242,33 @@ def test_close_from_another_thread_wakes_blocking_recv_without_leaking_fds(vdir:
         assert not reader.is_alive()
         assert len(errors) == 1
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_splice_from_a_pipe_sends_the_header_then_exactly_count_bytes(vdir: Path) -> None:
+    server = SocketBackend(1, vdir).listen(2, 600)
+    client = threading.Thread(target=lambda: results.append(SocketBackend(2, vdir).connect(1, 600)))
+    results: list[object] = []
+    client.start()
+    ours = server.accept(timeout=10)
+    client.join(10)
+    theirs = results[0]
+    read_end, write_end = os.pipe()
+    try:
+        payload = os.urandom(70000)
+        os.write(write_end, payload[:60000])
+        ours.splice_from(b"HEADER:!", read_end, 50000)  # leaves 10000 in the pipe
+        received = b""
+        while len(received) < 8 + 50000:
+            received += theirs.recv(65536)  # type: ignore[attr-defined]
+        assert received == b"HEADER:!" + payload[:50000]
+        # A pipe that runs dry inside a frame breaks the stream instead of blocking.
+        os.close(write_end)
+        write_end = -1
+        with pytest.raises(TransportBroken, match="ran dry"):
+            ours.splice_from(b"HEADER:!", read_end, 20000)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+        ours.close()
+        theirs.close()  # type: ignore[attr-defined]

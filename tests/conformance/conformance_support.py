@@ -113,6 +113,7 @@ class Stream(Protocol):
 
     def send(self, data: bytes | bytearray | memoryview) -> None: ...
     def recv(self, max_bytes: int) -> bytes: ...
+    def recv_into(self, buffer: bytearray | memoryview) -> int: ...
     def close(self) -> None: ...
     @property
     def remote_domain(self) -> int: ...
@@ -229,6 +230,9 @@ class _AsyncStreamAdapter:
 
     def recv(self, max_bytes: int) -> bytes:
         return self._face.run(self.stream.recv(max_bytes))
+
+    def recv_into(self, buffer: bytearray | memoryview) -> int:
+        return self._face.run(self.stream.recv_into(buffer))
 
     def close(self) -> None:
         self._face.call(self.stream.close)

@@ -117,6 +117,27 @@ def test_recv_returns_between_one_and_n_bytes(pair: BackendPair, face: Face) -> 
         server_end.recv(0)
 
 
+def test_recv_into_fills_the_buffer_start_in_order_then_zero_at_eof(
+    pair: BackendPair, face: Face
+) -> None:
+    server_end, client_end = connected(pair, face)
+    payload = pattern(300_000, seed=9)
+    sending = in_thread(lambda: (client_end.send(payload), client_end.close()))
+    buffer = bytearray(b"\xaa" * 70_000)
+    received = bytearray()
+    while count := server_end.recv_into(memoryview(buffer)[:65536]):
+        assert 1 <= count <= 65536
+        received += buffer[:count]
+    sending.result(WAIT)
+    assert received == payload
+    assert buffer[65536:] == b"\xaa" * (70_000 - 65536)  # nothing past the view
+    with pytest.raises(ValueError):
+        server_end.recv_into(bytearray())
+    server_end.close()
+    with pytest.raises(TransportClosed):
+        server_end.recv_into(buffer)
+
+
 def test_close_delivers_accepted_bytes_then_eof(pair: BackendPair, face: Face) -> None:
     server_end, client_end = connected(pair, face)
     reading = in_thread(lambda: recv_until_eof(client_end))

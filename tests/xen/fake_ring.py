@@ -64,6 +64,13 @@ class FakeRing:
                 return None
             return b""
 
+    def read_into(self, buffer: bytearray | memoryview) -> int | None:
+        data = self.read(len(buffer))
+        if data is None:
+            return None
+        buffer[: len(data)] = data
+        return len(data)
+
     def write(self, data: memoryview) -> int:
         with self._s.lock:
             if not self._s.live[self._peer] or self.peer_dead:

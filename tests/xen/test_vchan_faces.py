@@ -166,3 +166,46 @@ def test_async_peer_close_keeps_unread_ring_data() -> None:
         return bytes(received)
 
     assert asyncio.run(main()) == payload(5)[:size]
+
+
+def test_recv_into_both_faces_hash_exact_then_zero_at_eof() -> None:
+    """recv_into reads the ring straight into the caller's buffer (blocking and asyncio)."""
+    data = payload(5)
+    a_ring, b_ring = ring_pair(4096)
+    a, b = VchanStream(a_ring), VchanStream(b_ring)  # type: ignore[arg-type]
+
+    def send_then_close() -> None:
+        a.send(data)
+        a.close()
+
+    sender = threading.Thread(target=send_then_close)
+    sender.start()
+    buffer = bytearray(70000)
+    received = bytearray()
+    while count := b.recv_into(memoryview(buffer)[:65536]):
+        received += buffer[:count]
+    sender.join(30)
+    b.close()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+
+    async def main() -> bytes:
+        c_ring, d_ring = ring_pair(4096)
+        c = AsyncVchanStream(c_ring)  # type: ignore[arg-type]
+        d = AsyncVchanStream(d_ring)  # type: ignore[arg-type]
+
+        async def send_all() -> None:
+            await c.send(data)
+            await c.aclose()
+
+        sending = asyncio.create_task(send_all())
+        got = bytearray()
+        view = memoryview(buffer)
+        while count := await d.recv_into(view[:50000]):
+            got += view[:count]
+        await sending
+        d.close()
+        with pytest.raises(TransportClosed):
+            await d.recv_into(view)
+        return bytes(got)
+
+    assert asyncio.run(main()) == data
