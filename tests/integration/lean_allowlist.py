@@ -20,4 +20,7 @@ ALLOWED: dict[str, str] = {
     "_weakrefset": "imported by threading",
     "signal": "qrexec-client-vm handles SIGUSR1 and SIGPIPE as R4.3 does (spec §15.4); "
     "a thin wrapper over _signal, with enum already loaded by socket",
+    "fcntl": "a C module with no imports of its own: 1 MiB pipe buffers on bulk paths and "
+    "FIONREAD when a piped stdin is spliced into the vchan (pipe_buffers, caller.py)",
+    "termios": "a C module with no imports of its own: the FIONREAD constant for that splice",
 }
