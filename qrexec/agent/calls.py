@@ -265,7 +265,7 @@ class CallRunner:
             trace.point("agent.exit_code_sent", vchan=key, code=code)
 
     async def _just_exec(self, channel: relay.DataChannel, prepared: PreparedCall) -> None:
-        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (125 if it cannot start).
+        """JUST_EXEC: stdio on /dev/null, exit code 0 at once (127 or 125 if it cannot start).
 
         A socket service is connected and gets its descriptor, then the exit code 0 goes
         out and the socket is closed unread (spec §15.5).
@@ -281,8 +281,9 @@ class CallRunner:
                 stderr=subprocess.DEVNULL,
             )
         except ServiceError as exc:
+            # As for EXEC_CMDLINE: 127 when execve failed with ENOENT, else 125 (§15.6).
             log.warning("%s", exc)
-            await channel.send_exit(ExitCode.PROBLEM)
+            await channel.send_exit(exec_failure_code(exc))
             return
         relay.reap_in_background(proc)
         await channel.send_exit(ExitCode.OK)

@@ -196,6 +196,17 @@ def test_exec_failure_in_the_child(world: AgentWorld) -> None:
     world.terminated()
 
 
+def test_just_exec_exec_failure_answers_like_exec(world: AgentWorld) -> None:
+    """§15.6 for JUST_EXEC: a missing interpreter is 127, not 0 or 125. A root agent runs
+    the program through its ``sh -l`` wrapper, which starts fine (0 at once, as upstream's
+    forked child does); the wrapper's own 127 then goes to nobody."""
+    world.vm.write_service("test.Interp", "#!/nonexistent/interpreter\n")
+    data = world.daemon.call(MsgType.JUST_EXEC, world.rpc("test.Interp+"))
+    expected = 0 if os.geteuid() == 0 else 127
+    assert data.read_until_close() == [exit_code(expected)]
+    world.terminated()
+
+
 def test_not_executable_is_a_start_failure(world: AgentWorld) -> None:
     world.vm.write_file("etc/qubes-rpc/test.Text", "echo hi\n", 0o644)
     data = world.daemon.call(MsgType.EXEC_CMDLINE, world.rpc("test.Text+"))
