@@ -45,8 +45,8 @@ class FakeDom0:
         self.domid = domid
         self.stream: SocketStream | None = None
 
-    def connect(self) -> None:
-        stream = self.backend.connect(self.domid, VCHAN_CONTROL_PORT, timeout=30)
+    def connect(self, timeout: float = 30) -> None:
+        stream = self.backend.connect(self.domid, VCHAN_CONTROL_PORT, timeout=timeout)
         hello = read_message(stream.recv, 2)
         assert isinstance(hello, Hello), hello
         stream.send(encode(Hello(min(hello.version, 3))))
