@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qrexec.sim.container_harness import ContainerTestbed
+from qrexec.sim.container_harness import IMAGE_PYTHON, ContainerTestbed
 
 TOPOLOGY = Path(__file__).parent / "data" / "two-bare-vms.toml"
 
@@ -62,7 +62,8 @@ def test_filecopy_between_two_containers(qrexec_testbed: ContainerTestbed) -> No
     tb.set_policy("qubes.Filecopy * vm1 vm2 allow\nqubes.Filecopy * @anyvm @anyvm deny\n")
     tb.install_file("vm1", "/home/user/tree/sub/data.txt", "hello vm2\n", 0o640)
     tb.install_file("vm1", "/home/user/tree/run.sh", "#!/bin/sh\n", 0o750)
-    sender = ["python3", "-m", "qrexec.sim.filecopy", "send", "tree"]
+    # qrexec-client-vm runs its program by the path given, with no PATH search (§15.4).
+    sender = [IMAGE_PYTHON, "-m", "qrexec.sim.filecopy", "send", "tree"]
 
     result = tb.call("vm1", "vm2", "qubes.Filecopy", program=sender)
     assert result.returncode == 0, result
