@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import shutil
 import socket
 import struct
 import tarfile
@@ -22,12 +23,13 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Self
 
 import docker.errors
 from docker.models.containers import Container
 
 from qrexec.sim.engine import Engine, EngineError
+from qrexec.sim.topology import TopologyError
 
 log = logging.getLogger("qrexec.sim.compose_project")
 
@@ -294,3 +296,35 @@ def _recv_exact(sock: socket.socket, size: int, *, inside: bool = False) -> byte
             return b""
         data.extend(chunk)
     return bytes(data)
+
+
+class ComposeTestbedLifecycle:
+    """Start and stop of a test's compose project kept in its own scratch folder.
+
+    Shared by the single-host :class:`~qrexec.sim.container_harness.ContainerTestbed` and
+    the multi-host :class:`~qrexec.sim.air.container_testbed.AirContainerTestbed`; the
+    subclass sets :attr:`project` and :attr:`dir` (the folder holding its compose file).
+    """
+
+    project: ComposeProject
+    dir: Path
+
+    def start(self, timeout: float = 180.0) -> Self:
+        self.project.up(timeout)
+        return self
+
+    def close(self) -> None:
+        """``compose down -v``; fails if anything of the project is left."""
+        try:
+            self.project.down()
+            left = self.project.leftovers()
+            if left:
+                raise TopologyError(f"left after down: {', '.join(left)}")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -20,14 +20,13 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from qrexec.sim import roots
 from qrexec.sim.compose import render_compose
-from qrexec.sim.compose_project import ComposeProject, ExecResult
+from qrexec.sim.compose_project import ComposeProject, ComposeTestbedLifecycle, ExecResult
 from qrexec.sim.container import ASK_SCRIPT, AUDIT_LOG, DAEMON_SOCKET_DIR, LOG_DIR, USER_UID
 from qrexec.sim.engine import REPO, Engine
 from qrexec.sim.topology import (
@@ -50,7 +49,7 @@ def image_tag(context: Path = REPO) -> str:
     return "qrexec-sim:fixture-" + hashlib.sha256(str(context).encode()).hexdigest()[:10]
 
 
-class ContainerTestbed:
+class ContainerTestbed(ComposeTestbedLifecycle):
     """A topology running as containers; :meth:`close` removes every container and volume."""
 
     def __init__(
@@ -79,26 +78,6 @@ class ContainerTestbed:
         compose.write_text(render_compose(self.topology, build_context=str(REPO), **kw))
         env = {"QREXEC_SIM_IMAGE": image, "QREXEC_SIM_BASE": base}
         self.project = ComposeProject(engine, name, compose, env)
-
-    def start(self, timeout: float = 180.0) -> ContainerTestbed:
-        self.project.up(timeout)
-        return self
-
-    def close(self) -> None:
-        """``compose down -v``; fails if anything of the project is left."""
-        try:
-            self.project.down()
-            left = self.project.leftovers()
-            if left:
-                raise TopologyError(f"left after down: {', '.join(left)}")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> ContainerTestbed:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # Files --------------------------------------------------------------------------------
     def _install_tree(self, domain: str, build: Path) -> None:

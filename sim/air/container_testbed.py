@@ -23,13 +23,13 @@ from qrexec.sim import roots
 from qrexec.sim.air.air_topology import load_air_topology
 from qrexec.sim.air.compose_air import render_air_compose, service_name, write_ssh_material
 from qrexec.sim.air.testbed import AirTestbedError, local_name
-from qrexec.sim.compose_project import ComposeProject, ExecResult
+from qrexec.sim.compose_project import ComposeProject, ComposeTestbedLifecycle, ExecResult
 from qrexec.sim.container import AUDIT_LOG
 from qrexec.sim.engine import REPO, Engine
-from qrexec.sim.topology import PolicySpec, TopologyError
+from qrexec.sim.topology import PolicySpec
 
 
-class AirContainerTestbed:
+class AirContainerTestbed(ComposeTestbedLifecycle):
     """Every host of a multi-host topology file as containers of one compose project."""
 
     def __init__(
@@ -63,26 +63,6 @@ class AirContainerTestbed:
             raise
         env = {"QREXEC_SIM_IMAGE": image, "QREXEC_SIM_BASE": base}
         self.project = ComposeProject(engine, name, compose, env)
-
-    def start(self, timeout: float = 180.0) -> AirContainerTestbed:
-        self.project.up(timeout)
-        return self
-
-    def close(self) -> None:
-        """``compose down -v``; fails if anything of the project is left."""
-        try:
-            self.project.down()
-            left = self.project.leftovers()
-            if left:
-                raise TopologyError(f"left after down: {', '.join(left)}")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> AirContainerTestbed:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # Names --------------------------------------------------------------------------------
     def service(self, qube: str) -> str:
