@@ -15,7 +15,6 @@ import getpass
 import json
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -373,13 +372,6 @@ class AirTestbed:
         running = self.hosts[source.partition(":")[0]]
         done = running.testbed.run_client(argv, env, cwd=cwd, input=input, timeout=timeout)
         return CallResult(done.returncode, done.stdout, done.stderr)
-
-    def sshd_port_open(self, host: str) -> bool:
-        """Whether a host's sshd accepts TCP connections (loopback mode only)."""
-        endpoint = self._endpoint(host)
-        with socket.socket() as probe:
-            probe.settimeout(1)
-            return probe.connect_ex((endpoint.address, endpoint.port)) == 0
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
