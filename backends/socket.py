@@ -31,11 +31,10 @@ This module is the **blocking** face and never imports asyncio; the asyncio face
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -117,7 +116,7 @@ class _FdGuard:
     __slots__ = ("_lock", "_release", "_released", "_users", "_wake", "closed")
 
     def __init__(self, wake: Callable[[], None], release: Callable[[], None]) -> None:
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._users = 0
         self.closed = False
         self._released = False
@@ -159,8 +158,11 @@ class _FdGuard:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
+    # No contextlib.suppress: importing contextlib costs each per-call client ~0.4 ms.
+    try:  # noqa: SIM105
         sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class SocketStream:

@@ -16,11 +16,11 @@ gives :data:`CLOSED_EARLY_EXIT`. Imports no asyncio; the stream is any
 
 from __future__ import annotations
 
+import _thread
 import os
 import socket
 import stat
 import sys
-import threading
 from collections.abc import Callable
 
 from qrexec import trace
@@ -132,7 +132,7 @@ class _InputSender:
         self.stream = stream
         self.chunk = chunk
         self.io = io
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.eof_sent = False
         self.stopped = False
 
@@ -157,13 +157,12 @@ class _InputSender:
                 if not self._send(prefix[offset : offset + self.chunk]):
                     return
             fd = self.io.stdin_fd
-            # Splicing reads a pipe to its end; with a next input to switch to (SIGUSR1
-            # single-socket mode) the input is read by hand.
-            if fd is not None and self.io.next_input is None and self._splice_input(fd):
-                self.send_eof()
-                return
             # Input is read straight into frames (several per read) and sent as they are.
+            # A read that fills a whole frame means bulk input: the pipe is enlarged and
+            # the rest spliced (below). Small input (most calls) never loads the modules
+            # those need.
             framer = DataFramer(MsgType.DATA_STDIN, self.chunk)
+            bulk = False
             while fd is not None and not self.stopped:
                 try:
                     count = os.readv(fd, framer.payloads)
@@ -175,6 +174,13 @@ class _InputSender:
                     continue
                 if not self._send_frames(framer.frames(count)):
                     break
+                if not bulk and count >= self.chunk:
+                    bulk = True
+                    enlarge_pipe(fd)
+                    # Splicing reads a pipe to its end; with a next input to switch to
+                    # (SIGUSR1 single-socket mode) the input is read by hand.
+                    if self.io.next_input is None and self._splice_input(fd):
+                        break
             self.send_eof()
         except TransportError as exc:
             log.debug("input relay stopped: %s", exc)
@@ -254,12 +260,11 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     Output payloads are written from the receive buffer itself, consecutive chunks of one
     stream in one ``writev``.
     """
-    for fd in (io.stdin_fd, io.stdout_fd):
-        if fd is not None:
-            enlarge_pipe(fd)
-    sender = _InputSender(stream, max_data_chunk(version), io)
-    thread = threading.Thread(target=sender.run, name="qrexec-stdin", daemon=True)
-    thread.start()
+    chunk = max_data_chunk(version)
+    sender = _InputSender(stream, chunk, io)
+    # The low-level _thread, not threading: the same thread, without threading's start-up
+    # cost in every per-call client. Nobody joins it; it stops with the call.
+    _thread.start_new_thread(sender.run, ())
     frames = FrameBuffer(version, allowed=SERVICE_MESSAGE_TYPES)
     view = frames.view
     outputs = {MsgType.DATA_STDOUT: io.stdout_fd, MsgType.DATA_STDERR: io.stderr_fd}
@@ -271,8 +276,17 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     pending: list[memoryview] = []
     pending_kind = MsgType.DATA_STDOUT
 
+    enlarged: set[int] = set()
+
     def flush() -> None:
-        if pending and not _writev_all(outputs[pending_kind], pending):
+        if not pending:
+            return
+        fd = outputs[pending_kind]
+        # A whole frame's worth at once means bulk output: grow the pipe (once).
+        if fd not in enlarged and sum(map(len, pending)) >= chunk:
+            enlarged.add(fd)
+            enlarge_pipe(fd)
+        if not _writev_all(fd, pending):
             open_outputs[pending_kind] = False
         pending.clear()
 

@@ -23,7 +23,6 @@ Blocking, no asyncio, no subprocess: it runs once per call.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -97,8 +96,10 @@ class LocalProgram:
         if self.switched:
             return
         self.switched = True
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib costs each per-call client ~0.4 ms to import
             self.stdout_sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def next_input(self) -> int | None:
         """Where the input goes on after an EOF: the stdin socket once, after SIGUSR1."""
@@ -114,8 +115,10 @@ class LocalProgram:
         not hit EPIPE; unlike upstream, its stdin reads EOF (a program still reading it
         would otherwise wait forever) and whatever it still writes is read and dropped.
         """
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib costs each per-call client ~0.4 ms to import
             self.stdin_sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         self._drain_until_exit()
         _, status = os.waitpid(self.pid, 0)
         self.stdin_sock.close()

@@ -14,13 +14,6 @@ BASELINE = "import os, io, codecs, encodings.utf_8, abc, stat\nimport socket, st
 
 ALLOWED: dict[str, str] = {
     "__future__": "every module's `from __future__ import annotations` loads this tiny module",
-    "contextlib": "unix_address and the socket setup are context managers; contextlib's own "
-    "imports (collections, functools, types) come with socket already",
-    "threading": "the caller sends input from a second thread while output flows (caller.py)",
-    "_weakrefset": "imported by threading",
     "signal": "qrexec-client-vm handles SIGUSR1 and SIGPIPE as R4.3 does (spec §15.4); "
     "a thin wrapper over _signal, with enum already loaded by socket",
-    "fcntl": "a C module with no imports of its own: 1 MiB pipe buffers on bulk paths and "
-    "FIONREAD when a piped stdin is spliced into the vchan (pipe_buffers, caller.py)",
-    "termios": "a C module with no imports of its own: the FIONREAD constant for that splice",
 }
