@@ -8,7 +8,8 @@ round-robin, N times each (medians):
 
 * baselines: ``python -I -S -c pass`` and ``<venv>/bin/python -c 'import socket'``;
 * ``qrexec-client-vm vm2 test.Echo`` from vm1 (a few bytes in, the same bytes out): ours
-  (the console script) and the C one against the C stack;
+  (the installed script; also behind the wrapper pip writes for an entry point, whose cost
+  is reported apart) and the C one against the C stack;
 * the in-process client (``VmClient.call``) against our stack and against the C one.
 
 One call is the whole path: trigger, agent, daemon, policy daemon round trip, EXEC_CMDLINE
@@ -51,6 +52,7 @@ from latency_support import (
     c_bin,
     install_mode,
     measure,
+    pip_wrapper,
     policy_namespace,
     report,
     run_timed,
@@ -305,6 +307,7 @@ def main() -> int:
         env = ours.vm_env("vm1", 1)
         client = script("qrexec-client-vm")
         api = VmClient(env)
+        wrapped = pip_wrapper(base, "qrexec-client-vm-pip", "qrexec.client.client_vm")
         variants = {
             "python -I -S -c pass": lambda: run_timed([sys.executable, "-I", "-S", "-c", "pass"],
                                                       None),
@@ -313,6 +316,8 @@ def main() -> int:
             ),
             "our qrexec-client-vm": lambda: run_timed([client, "vm2", "test.Echo"], env,
                                                       PAYLOAD, PAYLOAD),
+            "our qrexec-client-vm behind pip's wrapper": lambda: run_timed(
+                [wrapped, "vm2", "test.Echo"], env, PAYLOAD, PAYLOAD),
             "our in-process client": lambda: timed_api(api),
         }  # fmt: skip
         if args.no_c:
@@ -349,6 +354,10 @@ def main() -> int:
                  "C qrexec-client-vm, C stack"),
             ],
         )  # fmt: skip
+        wrapper = (
+            medians["our qrexec-client-vm behind pip's wrapper"] - medians["our qrexec-client-vm"]
+        )
+        print(f"  pip's entry-point wrapper (imports re) would cost about {wrapper:.2f} ms")
     finally:
         for stack in stacks:
             stack.stop()

@@ -61,6 +61,27 @@ def script(name: str) -> str:
     return found
 
 
+#: What pip writes for a ``[project.scripts]`` entry point (our per-call clients are plain
+#: scripts instead, see ``scripts/``); the benches time one to report its cost apart.
+PIP_WRAPPER = """#!{python}
+# -*- coding: utf-8 -*-
+import re
+import sys
+from {module} import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
+
+
+def pip_wrapper(folder: Path, name: str, module: str) -> str:
+    """Write a pip-style entry-point wrapper for ``module:main`` into ``folder``."""
+    path = folder / name
+    path.write_text(PIP_WRAPPER.format(python=sys.executable, module=module))
+    path.chmod(0o755)
+    return str(path)
+
+
 def c_bin() -> Path:
     """The C programs' bin folder (:func:`qrexec.sim.cpeer.source_dir` finds the source)."""
     return cpeer.build()
