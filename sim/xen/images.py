@@ -132,6 +132,13 @@ def console_scripts() -> dict[str, str]:
     return {str(k): str(v) for k, v in scripts.items()}
 
 
+def script_files() -> list[Path]:
+    """The plain scripts pyproject.toml installs ([tool.setuptools] script-files)."""
+    data = tomllib.loads((PACKAGE_DIR / "pyproject.toml").read_text())
+    files = data.get("tool", {}).get("setuptools", {}).get("script-files", [])
+    return [PACKAGE_DIR / str(name) for name in files]
+
+
 def _write_scripts(bin_dir: Path) -> None:
     """Console-script wrappers like pip would make, pointing at the copied package."""
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +151,17 @@ def _write_scripts(bin_dir: Path) -> None:
             f"sys.path.insert(0, '/{GUEST_PROJECT_DIR}')\n"
             f"from {module} import {func.split('.')[0]} as _entry\n"
             f"sys.exit(_entry{''.join('.' + p for p in func.split('.')[1:])}())\n"
+        )
+        script.chmod(0o755)
+    # The per-call clients are plain scripts (pyproject's script-files): the same text,
+    # pointed at the copied package.
+    for source in script_files():
+        lines = source.read_text().splitlines(keepends=True)
+        script = bin_dir / source.name
+        script.write_text(
+            "#!/usr/bin/python3\n"
+            "import sys\n"
+            f"sys.path.insert(0, '/{GUEST_PROJECT_DIR}')\n" + "".join(lines[1:])
         )
         script.chmod(0o755)
 
