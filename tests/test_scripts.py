@@ -62,3 +62,48 @@ def test_the_xen_guest_image_gets_the_client_scripts_pointed_at_its_copy(tmp_pat
         assert f"from {module} import main" in text
         assert os.access(tmp_path / name, os.X_OK)
     assert (tmp_path / "qrexec-agent").exists()  # entry points are still written
+
+
+def test_exit_now_flushes_python_buffers_and_keeps_the_code() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_NOW_PROBE, "3"],
+        capture_output=True,
+        text=True,
+        env=_buffered_env(),
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_exit_now_gives_120_when_stdout_cannot_be_flushed_as_cpython_does() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # flushing into this pipe fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", EXIT_NOW_PROBE, "0"],
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            env=_buffered_env(),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 120
+
+
+def _buffered_env() -> dict[str, str]:
+    """This checkout importable, and Python's streams buffered (as for a user)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
+#: Buffered output on both streams (stdout is block-buffered into a pipe), then exit_now.
+EXIT_NOW_PROBE = """
+import sys
+from qrexec.client.process_exit import exit_now
+print("out")
+print("err", file=sys.stderr)
+exit_now(int(sys.argv[1]))
+"""

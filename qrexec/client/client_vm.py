@@ -273,4 +273,6 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qrexec.client.process_exit import exit_now
+
+    exit_now(main())
