@@ -382,7 +382,10 @@ def main() -> int:
             ],
         )  # fmt: skip
         wrapper = medians["our CLI behind pip's wrapper"] - medians["our CLI (installed script)"]
-        print(f"  pip's entry-point wrapper (imports re) would cost about {wrapper:.2f} ms")
+        print(
+            "  pip's entry-point wrapper (imports re; sys.exit: full interpreter teardown) "
+            f"would cost about {wrapper:.2f} ms"
+        )
         concurrent(env, user, 100)
         if args.mib:
             print(f"throughput through our CLI ({args.mib} MiB, whole calls):")

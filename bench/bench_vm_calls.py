@@ -357,7 +357,10 @@ def main() -> int:
         wrapper = (
             medians["our qrexec-client-vm behind pip's wrapper"] - medians["our qrexec-client-vm"]
         )
-        print(f"  pip's entry-point wrapper (imports re) would cost about {wrapper:.2f} ms")
+        print(
+            "  pip's entry-point wrapper (imports re; sys.exit: full interpreter teardown) "
+            f"would cost about {wrapper:.2f} ms"
+        )
     finally:
         for stack in stacks:
             stack.stop()
