@@ -5,7 +5,8 @@ Run by ``sim/docker/Dockerfile`` as ``python3 install_in_image.py /opt/qrexec-py
 * a ``.pth`` file puts the source tree on the interpreter's path (every account, every
   environment: services run with a cleaned environment, so PYTHONPATH would not do);
 * one executable per console script of ``pyproject.toml`` in /usr/local/bin, bound to this
-  interpreter;
+  interpreter, and its plain scripts (``[tool.setuptools] script-files``: the per-call
+  clients) copied there with their ``#!`` line pointed at it, as pip would;
 * the seed's command name ``/usr/lib/qubes/qrexec_client_vm`` as a link to qrexec-client-vm;
 * the VM default account ``user`` (uid 1000) with its home, written straight into the account
   files (minimal base images have no useradd);
@@ -65,13 +66,19 @@ def main() -> int:
     site_dir.mkdir(parents=True, exist_ok=True)
     (site_dir / "qrexec-py.pth").write_text(f"{source}\n")
 
-    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    data = tomllib.loads((source / "pyproject.toml").read_text())
+    project = data["project"]
     bin_dir = Path("/usr/local/bin")
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name, target in project.get("scripts", {}).items():
         module, func = target.split(":")
         path = bin_dir / name
         path.write_text(SCRIPT.format(python=sys.executable, module=module, func=func))
+        path.chmod(0o755)
+    for script in data.get("tool", {}).get("setuptools", {}).get("script-files", []):
+        lines = (source / script).read_text().splitlines(keepends=True)
+        path = bin_dir / Path(script).name
+        path.write_text(f"#!{sys.executable}\n" + "".join(lines[1:]))
         path.chmod(0o755)
 
     for directory in DIRECTORIES:
