@@ -266,7 +266,6 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     # cost in every per-call client. Nobody joins it; it stops with the call.
     _thread.start_new_thread(sender.run, ())
     frames = FrameBuffer(version, allowed=SERVICE_MESSAGE_TYPES)
-    view = frames.view
     outputs = {MsgType.DATA_STDOUT: io.stdout_fd, MsgType.DATA_STDERR: io.stderr_fd}
     filters = {MsgType.DATA_STDOUT: io.filter_stdout, MsgType.DATA_STDERR: io.filter_stderr}
     open_outputs = {MsgType.DATA_STDOUT: True, MsgType.DATA_STDERR: True}
@@ -298,6 +297,7 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
                 log.warning("vchan connection closed early")
                 return CLOSED_EARLY_EXIT
             frames.filled(count)
+            view = frames.view  # a new buffer once the stream turned out bulk
             try:
                 while (frame := frames.next_frame()) is not None:
                     kind, start, end = frame

@@ -278,10 +278,13 @@ class FrameDecoder:
             messages.append(message)
 
 
-#: A :class:`FrameBuffer`'s size: a few frames per refill, and at least two frames' caps so
-#: a partial frame moved to the front always leaves room for the rest of it.
+#: A :class:`FrameBuffer`'s full size: a few frames per refill, and at least two frames'
+#: caps. It starts at one frame's cap (room enough for any partial frame moved to the
+#: front) and grows to this size once a receive fills all the free space: a call that
+#: moves a few bytes never allocates (and faults in) half a megabyte.
 FRAME_BUFFER_SIZE = 512 * 1024
-#: How much input one :class:`DataFramer` round carries (as several frames).
+#: How much input one :class:`DataFramer` round carries (as several frames) once the
+#: stream has shown itself to be bulk: the first round is one frame.
 FRAMER_ROUND_SIZE = 256 * 1024
 
 
@@ -297,6 +300,11 @@ class FrameBuffer:
     than what a correct peer may send, and a frame is handed out only once it is whole (a
     peer that stops inside a frame has none of it delivered, as with the decoder). After a
     :class:`RemoteProtocolError` the buffer stays broken. Does no I/O.
+
+    The buffer starts at one frame's cap and is replaced by one of ``size`` bytes (pending
+    bytes copied over) at the first :meth:`free_space` after a receive that filled all the
+    free space; :attr:`view` then names the new buffer, so read it after :meth:`filled`.
+    Views handed out earlier keep the old buffer alive: nothing they show is overwritten.
     """
 
     def __init__(
@@ -310,10 +318,12 @@ class FrameBuffer:
         if size < 2 * max_frame_size(self._version):
             raise LocalProtocolError(f"a frame buffer of {size} bytes is below two frames")
         self._allowed = None if allowed is None else frozenset(allowed)
-        self._buffer = bytearray(size)
+        self._size = size
+        self._buffer = bytearray(max_frame_size(self._version))
         self.view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
+        self._grow = False
         self._error: RemoteProtocolError | None = None
 
     @property
@@ -328,7 +338,15 @@ class FrameBuffer:
 
     def free_space(self) -> memoryview:
         """Where the next received bytes go (never empty); invalidates earlier payloads."""
-        if self._start == self._end:
+        if self._grow:
+            # Bulk: the full-size buffer, with the pending partial frame (if any) in front.
+            self._grow = False
+            pending = self._end - self._start
+            buffer = bytearray(self._size)
+            buffer[:pending] = self.view[self._start : self._end]
+            self._buffer, self.view = buffer, memoryview(buffer)
+            self._start, self._end = 0, pending
+        elif self._start == self._end:
             self._start = self._end = 0
         elif len(self._buffer) - self._end < max_frame_size(self._version):
             # Only a partial frame is left: move it to the front (at most one frame's cap).
@@ -339,8 +357,11 @@ class FrameBuffer:
 
     def filled(self, count: int) -> None:
         """``count`` bytes were received into :meth:`free_space`."""
-        if not 0 <= count <= len(self._buffer) - self._end:
+        free = len(self._buffer) - self._end
+        if not 0 <= count <= free:
             raise LocalProtocolError(f"filled({count}) is beyond the free space")
+        if count == free and len(self._buffer) < self._size:
+            self._grow = True
         self._end += count
 
     def next_frame(self) -> tuple[MsgType, int, int] | None:
@@ -385,6 +406,10 @@ class DataFramer:
     around the ``count`` bytes read and returns one contiguous view ready for one ``send``
     - no ``bytes`` per frame, no copy between the read and the send. The view is valid
     until the next round. Does no I/O.
+
+    The first round is one frame; a round read to the brim (:attr:`capacity` bytes) makes
+    the next ones full size, so a stream of a few bytes costs one frame's buffer. Read
+    :attr:`payloads` and :attr:`capacity` anew each round.
     """
 
     def __init__(self, kind: MsgType, chunk: int, round_size: int = FRAMER_ROUND_SIZE) -> None:
@@ -394,21 +419,36 @@ class DataFramer:
             raise LocalProtocolError(f"chunk size must be positive, not {chunk}")
         self._kind = int(kind)
         self._chunk = chunk
-        count = max(1, round_size // chunk)
         self._stride = HEADER_SIZE + chunk
+        self._full_count = max(1, round_size // chunk)
+        self._grow = False
+        self._layout(1)
+
+    def _layout(self, count: int) -> None:
+        self._count = count
         self._buffer = bytearray(count * self._stride)
         self._view = memoryview(self._buffer)
-        self.payloads = [
+        self._payloads = [
             self._view[i * self._stride + HEADER_SIZE : (i + 1) * self._stride]
             for i in range(count)
         ]
-        #: The most :meth:`frames` can wrap in one round.
-        self.capacity = count * chunk
+        #: The most :meth:`frames` can wrap in this round.
+        self.capacity = count * self._chunk
+
+    @property
+    def payloads(self) -> list[memoryview]:
+        """Where this round's input goes (a new, larger set after a round read to the brim)."""
+        if self._grow:
+            self._grow = False
+            self._layout(self._full_count)
+        return self._payloads
 
     def frames(self, count: int) -> memoryview:
         """Headers around the ``count`` bytes just read into :attr:`payloads`; the frames."""
         if not 0 < count <= self.capacity:
             raise LocalProtocolError(f"{count} bytes do not fit this framer's round")
+        if count == self.capacity and self._count < self._full_count:
+            self._grow = True  # read to the brim: bulk input, full rounds from now on
         full, rest = divmod(count, self._chunk)
         pack_into, kind, chunk, stride = HEADER.pack_into, self._kind, self._chunk, self._stride
         for index in range(full):

@@ -253,7 +253,6 @@ async def relay_stdin(
     which is a normal end once the exit code has been sent and an abort before.
     """
     frames = FrameBuffer(channel.version, allowed=(MsgType.DATA_STDIN,))
-    view = frames.view
     stream = channel.stream
     open_ = True
     traced = False
@@ -266,6 +265,7 @@ async def relay_stdin(
             traced = True
             trace.point("agent.stdin_first", vchan=channel.trace_key)
         frames.filled(count)
+        view = frames.view  # a new buffer once the stream turned out bulk
         try:
             while (frame := frames.next_frame()) is not None:
                 if not open_:

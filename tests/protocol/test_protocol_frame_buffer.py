@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from qrexec.errors import LocalProtocolError, RemoteProtocolError
 from qrexec.protocol.constants import MsgType
-from qrexec.protocol.framing import DataFramer, FrameBuffer, FrameDecoder
+from qrexec.protocol.framing import (
+    FRAME_BUFFER_SIZE,
+    FRAMER_ROUND_SIZE,
+    DataFramer,
+    FrameBuffer,
+    FrameDecoder,
+)
 from qrexec.protocol.messages import Data, ExitStatus, encode
 
 SERVICE_TYPES = (MsgType.DATA_STDOUT, MsgType.DATA_STDERR, MsgType.DATA_EXIT_CODE)
@@ -111,17 +117,65 @@ FRAMER_CASES = [(65536, 1), (65536, 65536), (65536, 200_000), (4096, 4097), (409
 @pytest.mark.parametrize(("chunk", "count"), FRAMER_CASES)
 def test_data_framer_output_is_what_the_encoder_makes(chunk: int, count: int) -> None:
     framer = DataFramer(MsgType.DATA_STDIN, chunk)
-    assert framer.capacity >= count
     data = random.Random(count).randbytes(count)
+    out = bytearray()
     position = 0
-    for slot in framer.payloads:  # as readv fills them: in order, each to the brim
-        take = min(len(slot), count - position)
-        slot[:take] = data[position : position + take]
-        position += take
+    while position < count:  # rounds as readv fills them: in order, each slot to the brim
+        start = position
+        for slot in framer.payloads:
+            take = min(len(slot), count - position)
+            slot[:take] = data[position : position + take]
+            position += take
+        out += framer.frames(position - start)
     expected = b"".join(
         encode(Data(MsgType.DATA_STDIN, data[i : i + chunk])) for i in range(0, count, chunk)
     )
-    assert bytes(framer.frames(count)) == expected
+    assert bytes(out) == expected
+
+
+def test_data_framer_starts_with_one_frame_and_grows_after_a_round_read_to_the_brim() -> None:
+    framer = DataFramer(MsgType.DATA_STDOUT, 65536)
+    assert (len(framer.payloads), framer.capacity) == (1, 65536)
+    framer.frames(100)  # a short round: still small
+    assert (len(framer.payloads), framer.capacity) == (1, 65536)
+    view = framer.frames(65536)  # to the brim: bulk
+    kept = bytes(view)
+    assert len(framer.payloads) == FRAMER_ROUND_SIZE // 65536
+    assert framer.capacity == FRAMER_ROUND_SIZE
+    assert bytes(view) == kept  # the last round's frames are not overwritten by the growth
+
+
+def test_frame_buffer_grows_after_a_receive_that_fills_it_keeping_a_partial_frame() -> None:
+    frames = FrameBuffer(3, allowed=SERVICE_TYPES)
+    first = frames.free_space()
+    assert len(first) == 65536 + 8  # one frame's cap to start with
+    whole = encode(Data(MsgType.DATA_STDOUT, b"a" * 1000))
+    partial = encode(Data(MsgType.DATA_STDERR, b"b" * 65526 + b"c" * 10))[: len(first) - len(whole)]
+    first[: len(whole) + len(partial)] = whole + partial
+    frames.filled(len(first))  # every free byte: the next free_space is the full buffer
+    frame = frames.next_frame()
+    assert frame is not None and frame[0] is MsgType.DATA_STDOUT
+    payload = frames.view[frame[1] : frame[2]]
+    assert frames.next_frame() is None
+    space = frames.free_space()
+    assert len(frames.view) == FRAME_BUFFER_SIZE
+    assert bytes(payload) == b"a" * 1000  # still what it was: the old buffer lives on
+    rest = encode(Data(MsgType.DATA_STDERR, b"b" * 65526 + b"c" * 10))[len(partial) :]
+    space[: len(rest)] = rest
+    frames.filled(len(rest))
+    frame = frames.next_frame()
+    assert frame is not None and bytes(frames.view[frame[1] : frame[2]]) == b"b" * 65526 + b"c" * 10
+    assert frames.at_boundary
+
+
+def test_frame_buffer_stays_small_for_a_short_exchange() -> None:
+    frames = FrameBuffer(3, allowed=SERVICE_TYPES)
+    for _ in range(3):
+        message = encode(Data(MsgType.DATA_STDOUT, b"x" * 500))
+        frames.free_space()[: len(message)] = message
+        frames.filled(len(message))
+        assert frames.next_frame() is not None
+    assert len(frames.view) == 65536 + 8
 
 
 def test_data_framer_refuses_what_is_not_a_data_stream_or_does_not_fit() -> None:
