@@ -46,6 +46,13 @@ from qrexec.protocol.messages import (
     encode,
 )
 from qrexec.protocol.negotiation import max_data_chunk, negotiate
+from qrexec.services.splicing import (
+    can_splice,
+    frame_pipe,
+    is_pipe,
+    pump_pipe_spliced,
+    relay_stdin_spliced,
+)
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +252,22 @@ async def relay_stdin(
     channel: DataChannel,
     deliver: Callable[[list[memoryview]], Awaitable[bool]],
     end: Callable[[], None],
+    target_fd: int | None = None,
 ) -> bool:
     """Caller's STDIN into the service until the caller goes away.
 
     Payloads go to ``deliver`` as views into the receive buffer, consecutive ones
-    together. Returns only when the caller has closed the vchan (or broke the protocol),
-    which is a normal end once the exit code has been sent and an abort before.
+    together - or, when ``target_fd`` (what ``deliver`` writes to) is given and the
+    transport can splice, straight from the vchan to it (:mod:`.splicing`). Returns only
+    when the caller has closed the vchan (or broke the protocol), which is a normal end
+    once the exit code has been sent and an abort before.
     """
+    if target_fd is not None and can_splice(channel.stream):
+        pipe = frame_pipe(channel.max_chunk)
+        if pipe is not None:
+            return await relay_stdin_spliced(
+                channel.stream, channel.version, target_fd, pipe, end, channel.trace_key
+            )
     frames = FrameBuffer(channel.version, allowed=(MsgType.DATA_STDIN,))
     stream = channel.stream
     open_ = True
@@ -293,6 +309,11 @@ async def relay_stdin(
 
 
 async def _pump(channel: DataChannel, kind: MsgType, fd: int) -> None:
+    if can_splice(channel.stream) and is_pipe(fd):
+        await pump_pipe_spliced(
+            channel.stream, kind, fd, channel.max_chunk, lambda: channel.trace_first(kind)
+        )
+        return
     framer = DataFramer(kind, channel.max_chunk)
     while True:
         count = readv_now(fd, framer.payloads)
@@ -384,7 +405,10 @@ async def relay_process(
 
     caller_gone = asyncio.ensure_future(
         relay_stdin(
-            channel, lambda views: writev_fd(sock_fd, views), lambda: _shutdown_write(stdin_sock)
+            channel,
+            lambda views: writev_fd(sock_fd, views),
+            lambda: _shutdown_write(stdin_sock),
+            target_fd=sock_fd,
         )
     )
     code_box: list[int] = []
@@ -466,7 +490,7 @@ async def relay_socket(
             await client_eof
 
     caller_gone = asyncio.ensure_future(
-        relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof)
+        relay_stdin(channel, lambda views: writev_fd(fd, views), on_client_eof, target_fd=fd)
     )
     try:
         if await _race(produce(), caller_gone):

@@ -1,0 +1,219 @@
+"""The service relay's bulk paths without user-space copies (Linux ``splice``).
+
+:mod:`.relay` moves a call's bytes between the data vchan and the service. With the
+socket transport on Linux, the payloads need not pass through our process at all:
+
+* **service output** (a pipe) -> vchan: ``FIONREAD`` says how much the pipe holds, the
+  8-byte header for that much (at most one chunk) goes out, then ``splice`` moves the
+  payload pipe -> socket (:meth:`AsyncSocketStream.splice_from`);
+* **caller's STDIN** -> service stdin (a socket, as in Qubes): each header is received and
+  checked exactly as :class:`~qrexec.protocol.framing.FrameBuffer` does, then the payload
+  is spliced socket -> an intermediate pipe of ours, and once the *whole* frame is there,
+  pipe -> service. A frame the caller never finishes is never delivered (the copying
+  path's rule too), and the pipe holds at most one frame, so memory stays bounded.
+
+Where this cannot apply - no ``os.splice``, a transport without the splice methods
+(vchan, memory), a filter, a pipe that cannot be made large enough - :mod:`.relay` keeps
+its copying path; :func:`frame_pipe` and :func:`can_splice` say which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+from collections.abc import Callable
+
+from qrexec import trace
+from qrexec.backends.base import AsyncStream
+from qrexec.errors import RemoteProtocolError
+from qrexec.lazy_logging import get_logger
+from qrexec.protocol.constants import HEADER_SIZE, MsgType
+from qrexec.protocol.framing import check_header
+from qrexec.protocol.messages import HEADER
+
+log = get_logger(__name__)
+
+#: ``splice`` never blocks (the loop waits instead) and moves pages rather than copying.
+SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+#: The intermediate pipe's size: a frame spliced from a socket may take a slot per page
+#: fragment, so ask for far more than one frame's bytes.
+FRAME_PIPE_SIZE = 1 << 20
+#: The least we accept (a user over the pipe-buffer quota gets tiny pipes): four frames.
+FRAME_PIPE_FRAMES = 4
+#: Linux's FIONREAD (termios.FIONREAD), without importing termios for one number.
+FIONREAD = 0x541B
+
+
+def can_splice(stream: AsyncStream) -> bool:
+    """True when ``stream`` and this system can move payloads with ``splice``."""
+    return (
+        sys.platform == "linux"
+        and hasattr(os, "splice")
+        and hasattr(stream, "splice_into")
+        and hasattr(stream, "splice_from")
+    )
+
+
+def is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def frame_pipe(chunk: int) -> tuple[int, int] | None:
+    """A non-blocking pipe that holds several frames of ``chunk`` bytes, or None."""
+    import fcntl
+
+    read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, FRAME_PIPE_SIZE)
+    except OSError as exc:
+        log.debug("intermediate pipe stays small: %s", exc)
+    if fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) >= FRAME_PIPE_FRAMES * (chunk + HEADER_SIZE):
+        return read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+    return None
+
+
+async def _wait_fd(fd: int, *, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await waiter
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _splice_out(pipe_fd: int, target_fd: int, count: int) -> bool:
+    """Move the ``count`` bytes the pipe holds into ``target_fd``; False if its reader left."""
+    while count:
+        try:
+            moved = os.splice(pipe_fd, target_fd, count, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            await _wait_fd(target_fd, write=True)
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        count -= moved
+    return True
+
+
+def _discard(pipe_fd: int) -> None:
+    """Empty the intermediate pipe (what a service that closed its stdin will not get)."""
+    try:
+        while os.read(pipe_fd, 1 << 16):
+            pass
+    except BlockingIOError:
+        pass
+
+
+async def relay_stdin_spliced(
+    stream: AsyncStream,
+    version: int,
+    target_fd: int,
+    pipe: tuple[int, int],
+    end: Callable[[], None],
+    trace_key: str = "",
+) -> bool:
+    """The caller's STDIN into ``target_fd`` through ``pipe`` (which this closes).
+
+    Same contract as :func:`.relay.relay_stdin`: returns False when the caller closed the
+    vchan or broke the protocol (logged); ``end()`` is called at the caller's STDIN EOF or
+    when the service stops taking input, after which further input is dropped.
+    """
+    splice_into = stream.splice_into  # type: ignore[attr-defined]
+    read_end, write_end = pipe
+    allowed = frozenset({MsgType.DATA_STDIN})
+    header = bytearray(HEADER_SIZE)
+    view = memoryview(header)
+    open_ = True
+    traced = False
+    try:
+        while True:
+            got = 0
+            while got < HEADER_SIZE:
+                count = await stream.recv_into(view[got:])
+                if not count:
+                    if got:
+                        log.warning("caller broke the data protocol: stream ended in a header")
+                    return False
+                got += count
+            msg_type, length = HEADER.unpack(header)
+            try:
+                check_header(msg_type, length, version, allowed)
+            except RemoteProtocolError as exc:
+                log.warning("caller broke the data protocol: %s", exc)
+                return False
+            if trace.ON and not traced:
+                traced = True
+                trace.point("agent.stdin_first", vchan=trace_key)
+            if not length:
+                if open_:
+                    end()
+                    open_ = False
+                continue
+            moved = 0
+            while moved < length:
+                count = await splice_into(write_end, length - moved)
+                if not count:
+                    log.warning(
+                        "caller broke the data protocol: stream ended in the middle of a "
+                        "frame (%d bytes of it)",
+                        HEADER_SIZE + moved,
+                    )
+                    return False
+                moved += count
+            if open_ and not await _splice_out(read_end, target_fd, length):
+                end()
+                open_ = False
+            if not open_:
+                _discard(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+async def pump_pipe_spliced(
+    stream: AsyncStream, kind: MsgType, fd: int, chunk: int, on_data: Callable[[], None]
+) -> None:
+    """Frames of ``kind`` from the pipe ``fd`` until its end, payloads spliced.
+
+    Each frame carries what the pipe holds (``FIONREAD``), at most ``chunk`` bytes; the
+    pipe's readiness with nothing in it is its end. ``on_data`` is called before each frame.
+    """
+    import fcntl
+
+    splice_from = stream.splice_from  # type: ignore[attr-defined]
+    size = bytearray(4)
+    header = bytearray(HEADER_SIZE)
+    while True:
+        fcntl.ioctl(fd, FIONREAD, size)
+        available = int.from_bytes(size, sys.byteorder)
+        if not available:
+            await _wait_fd(fd, write=False)
+            fcntl.ioctl(fd, FIONREAD, size)
+            if not int.from_bytes(size, sys.byteorder):
+                return  # readable and empty: every writer is gone
+            continue
+        while available:
+            count = min(available, chunk)
+            HEADER.pack_into(header, 0, kind, count)
+            on_data()
+            await splice_from(header, fd, count)
+            available -= count
