@@ -276,6 +276,10 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
     pending_kind = MsgType.DATA_STDOUT
 
     enlarged: set[int] = set()
+    # Bulk output (a frame of the largest size) on a transport that can splice: read up to
+    # the next frame boundary, then go on frame by frame with the payloads spliced.
+    can_splice = hasattr(os, "splice") and hasattr(stream, "splice_into")
+    switching = False
 
     def flush() -> None:
         if not pending:
@@ -291,7 +295,24 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
 
     try:
         while True:
-            count = stream.recv_into(frames.free_space())
+            space = frames.free_space()
+            if switching:
+                need = frames.frame_remainder()
+                pipe = None if need else _frame_pipe(chunk)
+                if pipe is None and not need:
+                    switching = can_splice = False  # no pipe large enough: keep copying
+                elif pipe is not None:
+                    spliced = _SplicedOutput(stream, version, io, outputs, open_outputs)
+                    code = spliced.run(pipe)
+                    if code is not None:
+                        sender.stopped = True
+                        sender.send_eof(wait=False)
+                        return code
+                    log.warning("vchan connection closed early")
+                    return CLOSED_EARLY_EXIT
+                else:
+                    space = space[:need]
+            count = stream.recv_into(space)
             if not count:
                 frames.close()
                 log.warning("vchan connection closed early")
@@ -331,6 +352,8 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
                         pending.append(memoryview(filter_escapes(bytes(view[start:end]))))
                     else:
                         pending.append(view[start:end])
+                    if can_splice and end - start == chunk:
+                        switching = True
             finally:
                 # Whole frames before a bad one are still delivered, in order.
                 flush()
@@ -342,6 +365,139 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
         return CLOSED_EARLY_EXIT
     finally:
         sender.stopped = True
+
+
+class _SplicedOutput:
+    """The rest of the data phase frame by frame, payloads moved by ``splice``.
+
+    Entered at a frame boundary once output is bulk. Each header is received and checked
+    as :class:`~qrexec.protocol.framing.FrameBuffer` checks it; a DATA payload goes from
+    the socket into a pipe of ours and, once the whole frame is there, on to its output
+    (spliced to a pipe or socket, else read and written: a terminal, a filter). Only whole
+    frames are delivered, as on the copying path.
+    """
+
+    def __init__(
+        self,
+        stream: BlockingStream,
+        version: int,
+        io: CallerIO,
+        outputs: dict[MsgType, int],
+        open_outputs: dict[MsgType, bool],
+    ) -> None:
+        self.stream = stream
+        self.version = version
+        self.io = io
+        self.outputs = outputs
+        self.open_outputs = open_outputs
+        self.filters = {
+            MsgType.DATA_STDOUT: io.filter_stdout,
+            MsgType.DATA_STDERR: io.filter_stderr,
+        }
+        self.spliceable = {
+            kind: not self.filters[kind] and (_is_socket(fd) or _is_pipe(fd))
+            for kind, fd in outputs.items()
+        }
+
+    def _recv_exactly(self, view: memoryview) -> bool:
+        got = 0
+        while got < len(view):
+            count = self.stream.recv_into(view[got:])
+            if not count:
+                if got:
+                    raise ProtocolError("stream ended in the middle of a frame")
+                return False
+            got += count
+        return True
+
+    def run(self, pipe: tuple[int, int]) -> int | None:
+        """The exit code; None when the stream ends without one. Closes ``pipe``."""
+        from qrexec.protocol.framing import check_header
+        from qrexec.protocol.messages import decode_payload
+
+        for fd in self.outputs.values():
+            enlarge_pipe(fd)
+        read_end, write_end = pipe
+        header = bytearray(HEADER_SIZE)
+        try:
+            while True:
+                if not self._recv_exactly(memoryview(header)):
+                    return None
+                msg_type, length = HEADER.unpack(header)
+                kind = check_header(msg_type, length, self.version, SERVICE_MESSAGE_TYPES)
+                if kind is MsgType.DATA_EXIT_CODE:
+                    payload = bytearray(length)
+                    if length and not self._recv_exactly(memoryview(payload)):
+                        raise ProtocolError("stream ended in the middle of a frame")
+                    message = decode_payload(kind, bytes(payload))
+                    assert isinstance(message, ExitStatus)
+                    if trace.ON:
+                        trace.point("client.exit_code", call=trace.CLI_CALL, code=message.code)
+                    return message.code
+                if not length:
+                    self._eof(kind)
+                    continue
+                moved = 0
+                while moved < length:
+                    count = self.stream.splice_into(write_end, length - moved)  # type: ignore[attr-defined]
+                    if not count:
+                        raise ProtocolError("stream ended in the middle of a frame")
+                    moved += count
+                self._deliver(kind, read_end, length)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    def _eof(self, kind: MsgType) -> None:
+        if not self.open_outputs[kind]:
+            return
+        if trace.ON:
+            trace.point("client.eof", call=trace.CLI_CALL, stream=kind.name)
+        self.open_outputs[kind] = False
+        if kind is MsgType.DATA_STDOUT and self.io.close_stdout_at_eof:
+            _close_output(self.outputs[kind])
+            self.io.stdout_closed = True
+
+    def _deliver(self, kind: MsgType, pipe_fd: int, count: int) -> None:
+        """Move the ``count`` bytes in the pipe to the output of ``kind`` (or drop them)."""
+        fd = self.outputs[kind]
+        if self.open_outputs[kind] and self.spliceable[kind]:
+            try:
+                while count:
+                    count -= os.splice(pipe_fd, fd, count)
+            except (BrokenPipeError, ConnectionResetError):
+                self.open_outputs[kind] = False
+        data = b""
+        while count:  # not spliceable, or its reader left: through our hands
+            chunk = os.read(pipe_fd, count)
+            count -= len(chunk)
+            data += chunk
+        if data and self.open_outputs[kind]:
+            if self.filters[kind]:
+                data = filter_escapes(data)
+            if not _write_all(fd, data):
+                self.open_outputs[kind] = False
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+def _frame_pipe(chunk: int) -> tuple[int, int] | None:
+    """A blocking pipe that holds four frames or more (1 MiB asked), else None: a frame
+    spliced into a smaller one could fill it, and nobody would empty it."""
+    import fcntl
+
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    enlarge_pipe(write_end)
+    if fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ) >= 4 * (chunk + HEADER_SIZE):
+        return read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+    return None
 
 
 def read_exit_code(stream: BlockingStream, version: int) -> int:

@@ -383,6 +383,18 @@ class FrameBuffer:
         self._start = start + length
         return kind, start, start + length
 
+    def frame_remainder(self) -> int:
+        """Bytes still to receive to end the partial frame in front (0 at a boundary).
+
+        Call after :meth:`next_frame` returned None. A receiver that asks for no more than
+        this reaches a frame boundary, where it may go on reading frame by frame.
+        """
+        available = self._end - self._start
+        if available < HEADER_SIZE:
+            return HEADER_SIZE - available if available else 0
+        _, length = HEADER.unpack_from(self._buffer, self._start)
+        return int(HEADER_SIZE + length - available)
+
     def message(self, kind: MsgType, start: int, end: int) -> Message:
         """Decode a frame that :meth:`next_frame` returned (for the small control messages)."""
         return decode_payload(kind, bytes(self.view[start:end]))
