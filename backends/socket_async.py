@@ -25,6 +25,7 @@ from pathlib import Path
 from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
     RECV_CHUNK_MAX,
+    SEND_BUFFER_SIZE,
     BoundSocket,
     connect_once,
     next_retry_delay,
@@ -33,12 +34,6 @@ from qrexec.errors import TransportBroken, TransportClosed
 
 log = logging.getLogger(__name__)
 
-#: Kernel send buffer asked for each stream (the kernel caps it at ``net.core.wmem_max``).
-#: Every wait for room costs an event-loop round trip, where a blocking writer just
-#: sleeps in the kernel; with the default ~200 KiB a writer waits about every 100 KiB, with
-#: 1 MiB five times less often (asyncio face CPU per GiB measured -30%). The bytes sit in
-#: kernel memory, bounded per stream, as a vchan ring's do.
-SEND_BUFFER_SIZE = 1 << 20
 #: ``splice`` never blocks (the loop waits instead) and moves pages rather than copying.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
 

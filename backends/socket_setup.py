@@ -34,6 +34,11 @@ def as_path(text: str) -> Path:
 #: cap so that a long wait costs a few wake-ups per second, not a busy loop.
 CONNECT_RETRY_FIRST = 0.001
 CONNECT_RETRY_MAX = 0.05
+#: Kernel send buffer asked for each stream, both faces (capped by ``net.core.wmem_max``).
+#: A writer that finds the buffer full sleeps (or, asyncio, takes a loop round trip) and
+#: wakes its reader: with the default ~200 KiB that is every ~100 KiB, with 1 MiB five
+#: times less often. The bytes sit in kernel memory, bounded per stream, as a ring's do.
+SEND_BUFFER_SIZE = 1 << 20
 #: Upper bound for one ``recv``: asking the kernel for a huge size would allocate it first.
 RECV_CHUNK_MAX = 256 * 1024
 #: After this long without a server the wait is a long one (a caller that never listens,
