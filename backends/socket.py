@@ -235,10 +235,12 @@ class SocketStream:
 
         The ``count`` bytes must already be in the pipe (``FIONREAD``) and nobody else may
         read it; a pipe that runs dry first breaks the stream (its frame cannot be ended).
+        An empty ``header`` sends the pipe's bytes alone (a frame built in the pipe).
         """
         self._guard.enter("send")
         try:
-            self._sock.sendall(header, socket.MSG_NOSIGNAL | socket.MSG_MORE)
+            if header:
+                self._sock.sendall(header, socket.MSG_NOSIGNAL | socket.MSG_MORE)
             out = self._sock.fileno()
             while count:
                 moved = os.splice(pipe_fd, out, count)

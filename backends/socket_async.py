@@ -202,9 +202,11 @@ class AsyncSocketStream:
     ) -> None:
         """Send ``header``, then ``count`` bytes that are already in the pipe ``pipe_fd``,
         moved by the kernel (Linux ``splice``): one frame, never interleaved with another
-        ``send``. A pipe that runs dry first breaks the stream (its frame cannot end)."""
+        ``send``. A pipe that runs dry first breaks the stream (its frame cannot end).
+        An empty ``header`` sends the pipe's bytes alone (a frame built in the pipe)."""
         async with self._send_lock:
-            await self._send_locked(memoryview(header), socket.MSG_NOSIGNAL | socket.MSG_MORE)
+            if header:
+                await self._send_locked(memoryview(header), socket.MSG_NOSIGNAL | socket.MSG_MORE)
             while count:
                 if self._closed:
                     raise TransportClosed("send: the vchan was closed by this side")

@@ -209,23 +209,35 @@ class _InputSender:
         poller.register(fd, select.POLLIN)
         size = bytearray(4)
         header = bytearray(HEADER_SIZE)
-        while not self.stopped:
-            fcntl.ioctl(fd, termios.FIONREAD, size)
-            available = int.from_bytes(size, sys.byteorder)
-            if not available:
-                events = poller.poll()
-                if events and not events[0][1] & select.POLLIN:
-                    return True  # hang-up with nothing left: end of input
-                continue
-            while available:
-                count = min(available, self.chunk)
-                HEADER.pack_into(header, 0, MsgType.DATA_STDIN, count)
-                with self.lock:
-                    if self.stopped or self.eof_sent:
-                        return True
-                    splice_from(header, fd, count)
-                available -= count
-        return True
+        # Each frame is assembled in a pipe of ours (header written, payload spliced behind
+        # it) and sent with one splice: the agent wakes once per frame and finds it whole.
+        own = _frame_pipe(self.chunk)
+        try:
+            while not self.stopped:
+                fcntl.ioctl(fd, termios.FIONREAD, size)
+                available = int.from_bytes(size, sys.byteorder)
+                if not available:
+                    events = poller.poll()
+                    if events and not events[0][1] & select.POLLIN:
+                        return True  # hang-up with nothing left: end of input
+                    continue
+                while available:
+                    count = min(available, self.chunk)
+                    HEADER.pack_into(header, 0, MsgType.DATA_STDIN, count)
+                    with self.lock:
+                        if self.stopped or self.eof_sent:
+                            return True
+                        if own is None:
+                            splice_from(header, fd, count)
+                        else:
+                            _frame_into(own[1], header, fd, count)
+                            splice_from(b"", own[0], HEADER_SIZE + count)
+                    available -= count
+            return True
+        finally:
+            if own is not None:
+                os.close(own[0])
+                os.close(own[1])
 
     def send_eof(self, *, wait: bool = True) -> None:
         """Send STDIN EOF unless already sent; with ``wait`` False, skip if busy."""
@@ -477,6 +489,17 @@ class _SplicedOutput:
                 data = filter_escapes(data)
             if not _write_all(fd, data):
                 self.open_outputs[kind] = False
+
+
+def _frame_into(pipe_fd: int, header: bytearray, source_fd: int, count: int) -> None:
+    """Write ``header`` into the pipe, then splice ``count`` bytes of ``source_fd`` (a pipe
+    that holds them, ``FIONREAD``) behind it."""
+    os.write(pipe_fd, header)
+    while count:
+        moved = os.splice(source_fd, pipe_fd, count)
+        if not moved:  # cannot happen: FIONREAD counted these bytes
+            raise TransportError("the input pipe ran dry inside a frame")
+        count -= moved
 
 
 def _is_pipe(fd: int) -> bool:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from qrexec import trace
 from qrexec.backends.base import AsyncStream
-from qrexec.errors import RemoteProtocolError
+from qrexec.errors import RemoteProtocolError, TransportBroken
 from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import HEADER_SIZE, MsgType
 from qrexec.protocol.framing import check_header
@@ -195,25 +195,45 @@ async def pump_pipe_spliced(
     """Frames of ``kind`` from the pipe ``fd`` until its end, payloads spliced.
 
     Each frame carries what the pipe holds (``FIONREAD``), at most ``chunk`` bytes; the
-    pipe's readiness with nothing in it is its end. ``on_data`` is called before each frame.
+    pipe's readiness with nothing in it is its end. ``on_data`` is called before each
+    frame. Each frame is assembled in a pipe of ours (header written, payload spliced
+    behind it) and goes to the vchan in one ``splice``, so the peer wakes once per frame
+    and finds it whole; without such a pipe the header goes ahead of the payload.
     """
     import fcntl
 
     splice_from = stream.splice_from  # type: ignore[attr-defined]
+    own = frame_pipe(chunk)
     size = bytearray(4)
     header = bytearray(HEADER_SIZE)
-    while True:
-        fcntl.ioctl(fd, FIONREAD, size)
-        available = int.from_bytes(size, sys.byteorder)
-        if not available:
-            await _wait_fd(fd, write=False)
+    try:
+        while True:
             fcntl.ioctl(fd, FIONREAD, size)
-            if not int.from_bytes(size, sys.byteorder):
-                return  # readable and empty: every writer is gone
-            continue
-        while available:
-            count = min(available, chunk)
-            HEADER.pack_into(header, 0, kind, count)
-            on_data()
-            await splice_from(header, fd, count)
-            available -= count
+            available = int.from_bytes(size, sys.byteorder)
+            if not available:
+                await _wait_fd(fd, write=False)
+                fcntl.ioctl(fd, FIONREAD, size)
+                if not int.from_bytes(size, sys.byteorder):
+                    return  # readable and empty: every writer is gone
+                continue
+            while available:
+                count = min(available, chunk)
+                HEADER.pack_into(header, 0, kind, count)
+                on_data()
+                if own is None:
+                    await splice_from(header, fd, count)
+                else:
+                    read_end, write_end = own
+                    os.write(write_end, header)
+                    moved = 0
+                    while moved < count:
+                        step = os.splice(fd, write_end, count - moved, flags=SPLICE_FLAGS)
+                        if not step:  # cannot happen: FIONREAD counted these bytes
+                            raise TransportBroken("the service's pipe ran dry inside a frame")
+                        moved += step
+                    await splice_from(b"", read_end, HEADER_SIZE + count)
+                available -= count
+    finally:
+        if own is not None:
+            os.close(own[0])
+            os.close(own[1])
