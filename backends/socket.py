@@ -35,6 +35,7 @@ import _thread
 import os
 import select
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -158,6 +159,19 @@ class _FdGuard:
         return True
 
 
+def _bytes_waiting(fd: int) -> int:
+    """Bytes in a socket's receive queue (``FIONREAD``; only asked on the splice path)."""
+    import fcntl
+    import termios
+
+    size = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, size)
+    except OSError:
+        return 0
+    return int.from_bytes(size, sys.byteorder)
+
+
 def _shutdown(sock: socket.socket) -> None:
     # No contextlib.suppress: importing contextlib costs each per-call client ~0.4 ms.
     try:  # noqa: SIM105
@@ -260,11 +274,27 @@ class SocketStream:
         """Move 1..``count`` received bytes into the pipe ``pipe_fd`` (Linux ``splice``: page
         references handed over, no copy through user space); 0 at end of stream.
 
-        Blocks until there are bytes, as :meth:`recv_into`; the pipe must have room.
+        Blocks until there are bytes, as :meth:`recv_into`. Raises
+        :class:`BlockingIOError` when bytes wait but the pipe cannot take any (out of room
+        or out of slots, as after a peer sending tiny pieces): the caller empties it and
+        takes the bytes another way. Never blocks on the pipe, never spins.
         """
+        flags = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
         self._guard.enter("recv")
         try:
-            count = os.splice(self._sock.fileno(), pipe_fd, count)
+            fd = self._sock.fileno()
+            while True:
+                try:
+                    count = os.splice(fd, pipe_fd, count, flags=flags)
+                    break
+                except BlockingIOError:
+                    if _bytes_waiting(fd):
+                        raise
+                    poller = select.poll()
+                    poller.register(fd, select.POLLIN)
+                    poller.poll()
+        except BlockingIOError:
+            raise
         except ConnectionResetError:
             count = 0
         except OSError as exc:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from qrexec.backends.socket_setup import (
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 
 #: ``splice`` never blocks (the loop waits instead) and moves pages rather than copying.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
+
+
+def _bytes_waiting(fd: int) -> int:
+    """Bytes in a socket's receive queue (``FIONREAD``), 0 if it cannot be asked."""
+    import fcntl
+    import termios
+
+    size = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, size)
+    except OSError:
+        return 0
+    return int.from_bytes(size, sys.byteorder)
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -180,8 +194,9 @@ class AsyncSocketStream:
         ``splice``: the kernel hands over page references, nothing passes through user
         space); 0 at end of stream.
 
-        The pipe must have room for ``count`` bytes (the caller drains it between
-        calls): a full pipe would look like a socket with nothing to give.
+        Raises :class:`BlockingIOError` when bytes are waiting but the pipe cannot take
+        any (out of room or out of slots): the caller empties it and takes the bytes
+        another way. Never spins.
         """
         while True:
             if self._closed:
@@ -189,6 +204,10 @@ class AsyncSocketStream:
             try:
                 return os.splice(self._fd, pipe_fd, count, flags=SPLICE_FLAGS)
             except BlockingIOError:
+                if _bytes_waiting(self._fd):
+                    # Bytes wait but the pipe took none: it is out of slots (a peer that
+                    # sends in tiny pieces fills them). The caller must empty it.
+                    raise
                 await self._wait_readable()
             except ConnectionResetError:
                 return 0

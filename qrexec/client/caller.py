@@ -451,11 +451,18 @@ class _SplicedOutput:
                     continue
                 moved = 0
                 while moved < length:
-                    count = self.stream.splice_into(write_end, length - moved)  # type: ignore[attr-defined]
+                    try:
+                        count = self.stream.splice_into(write_end, length - moved)  # type: ignore[attr-defined]
+                    except BlockingIOError:
+                        # The pipe is out of slots (a peer sending tiny pieces): this
+                        # frame goes through our memory.
+                        self._deliver_copied(kind, read_end, moved, length)
+                        break
                     if not count:
                         raise ProtocolError("stream ended in the middle of a frame")
                     moved += count
-                self._deliver(kind, read_end, length)
+                else:
+                    self._deliver(kind, read_end, length)
         finally:
             os.close(read_end)
             os.close(write_end)
@@ -469,6 +476,22 @@ class _SplicedOutput:
         if kind is MsgType.DATA_STDOUT and self.io.close_stdout_at_eof:
             _close_output(self.outputs[kind])
             self.io.stdout_closed = True
+
+    def _deliver_copied(self, kind: MsgType, pipe_fd: int, moved: int, length: int) -> None:
+        """The ``moved`` bytes in the pipe and the rest of the frame from the vchan, whole,
+        then to the output of ``kind``."""
+        data = bytearray()
+        while len(data) < moved:
+            data += os.read(pipe_fd, moved - len(data))
+        rest = bytearray(length - moved)
+        if not self._recv_exactly(memoryview(rest)):
+            raise ProtocolError("stream ended in the middle of a frame")
+        data += rest
+        if self.open_outputs[kind]:
+            if self.filters[kind]:
+                data = bytearray(filter_escapes(bytes(data)))
+            if not _write_all(self.outputs[kind], bytes(data)):
+                self.open_outputs[kind] = False
 
     def _deliver(self, kind: MsgType, pipe_fd: int, count: int) -> None:
         """Move the ``count`` bytes in the pipe to the output of ``kind`` (or drop them)."""

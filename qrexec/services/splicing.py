@@ -114,13 +114,33 @@ async def _splice_out(pipe_fd: int, target_fd: int, count: int) -> bool:
     return True
 
 
-def _discard(pipe_fd: int) -> None:
-    """Empty the intermediate pipe (what a service that closed its stdin will not get)."""
-    try:
-        while os.read(pipe_fd, 1 << 16):
-            pass
-    except BlockingIOError:
-        pass
+async def _write_out(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to the non-blocking ``fd``; False if its reader left."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await _wait_fd(fd, write=True)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+    return True
+
+
+def _pending_of_frame(pipe_fd: int, after: int) -> int:
+    """Bytes of the current frame still in the pipe, ``after`` bytes of later frames
+    being behind them (``FIONREAD``)."""
+    import fcntl
+
+    size = bytearray(4)
+    fcntl.ioctl(pipe_fd, FIONREAD, size)
+    return int.from_bytes(size, sys.byteorder) - after
+
+
+def _drop(pipe_fd: int, count: int) -> None:
+    """Read and forget ``count`` bytes the pipe holds (input a closed stdin will not get)."""
+    while count > 0:
+        count -= len(os.read(pipe_fd, min(count, 1 << 16)))
 
 
 async def relay_stdin_spliced(
@@ -136,24 +156,60 @@ async def relay_stdin_spliced(
     Same contract as :func:`.relay.relay_stdin`: returns False when the caller closed the
     vchan or broke the protocol (logged); ``end()`` is called at the caller's STDIN EOF or
     when the service stops taking input, after which further input is dropped.
+
+    The pipe is the receive buffer: whatever the vchan holds is spliced in (up to the
+    pipe's size, so memory stays bounded), each header is read out of it (8 bytes through
+    our hands) and checked, and a payload is spliced on to the service once it is whole
+    in the pipe. One splice in serves many frames when the caller is ahead.
     """
+    import fcntl
+
     splice_into = stream.splice_into  # type: ignore[attr-defined]
     read_end, write_end = pipe
+    room = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
     allowed = frozenset({MsgType.DATA_STDIN})
-    header = bytearray(HEADER_SIZE)
-    view = memoryview(header)
+    in_pipe = 0
     open_ = True
     traced = False
+
+    async def fill(need: int) -> bool | bytes:
+        """Splice until the pipe holds ``need`` bytes: True; False at the end of the stream.
+
+        If the pipe runs out of slots first (a peer sending tiny pieces), its bytes and
+        the rest of the ``need`` come back as bytes instead, through our memory.
+        """
+        nonlocal in_pipe
+        while in_pipe < need:
+            try:
+                count = await splice_into(write_end, room - in_pipe)
+            except BlockingIOError:
+                carry = bytearray()
+                while len(carry) < in_pipe:
+                    carry += os.read(read_end, in_pipe - len(carry))
+                in_pipe = 0
+                while len(carry) < need:
+                    data = await stream.recv(need - len(carry))
+                    if not data:
+                        return False
+                    carry += data
+                return bytes(carry)
+            if not count:
+                return False
+            in_pipe += count
+        return True
+
     try:
         while True:
-            got = 0
-            while got < HEADER_SIZE:
-                count = await stream.recv_into(view[got:])
-                if not count:
-                    if got:
-                        log.warning("caller broke the data protocol: stream ended in a header")
-                    return False
-                got += count
+            got = await fill(HEADER_SIZE)
+            if got is False:
+                if in_pipe:
+                    log.warning("caller broke the data protocol: stream ended in a header")
+                return False
+            if got is True:
+                header = os.read(read_end, HEADER_SIZE)  # a pipe holding 8 bytes gives 8
+                in_pipe -= HEADER_SIZE
+            else:
+                header = got
             msg_type, length = HEADER.unpack(header)
             try:
                 check_header(msg_type, length, version, allowed)
@@ -168,22 +224,27 @@ async def relay_stdin_spliced(
                     end()
                     open_ = False
                 continue
-            moved = 0
-            while moved < length:
-                count = await splice_into(write_end, length - moved)
-                if not count:
-                    log.warning(
-                        "caller broke the data protocol: stream ended in the middle of a "
-                        "frame (%d bytes of it)",
-                        HEADER_SIZE + moved,
-                    )
-                    return False
-                moved += count
+            got = await fill(length)
+            if got is False:
+                log.warning(
+                    "caller broke the data protocol: stream ended in the middle of a frame "
+                    "(%d bytes of it)",
+                    HEADER_SIZE + in_pipe,
+                )
+                return False
+            if got is not True:
+                if open_ and not await _write_out(target_fd, got):
+                    open_ = False
+                    end()
+                continue
+            in_pipe -= length
             if open_ and not await _splice_out(read_end, target_fd, length):
-                end()
                 open_ = False
+                end()
+                # What the service did not take of this frame is dropped below.
+                length = _pending_of_frame(read_end, in_pipe)
             if not open_:
-                _discard(read_end)
+                _drop(read_end, length)
     finally:
         os.close(read_end)
         os.close(write_end)

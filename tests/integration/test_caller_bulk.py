@@ -211,3 +211,46 @@ def test_a_stream_cut_inside_a_frame_on_the_spliced_path_delivers_no_part_of_it(
     assert code == CLOSED_EARLY_EXIT
     assert out == stdout[: whole * MAX_DATA_CHUNK_V3]  # whole frames only
     assert spliced > 0
+
+
+def test_a_frame_sent_byte_by_byte_after_the_switch_comes_through_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qrexec.client import caller as caller_module
+
+    copied: list[int] = []
+    real = caller_module._SplicedOutput._deliver_copied
+
+    def counting(self: object, kind: MsgType, pipe_fd: int, moved: int, length: int) -> None:
+        copied.append(length)
+        real(self, kind, pipe_fd, moved, length)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(caller_module._SplicedOutput, "_deliver_copied", counting)
+    caller, service = _pair(tmp_path)
+    first, slow = os.urandom(MAX_DATA_CHUNK_V3), os.urandom(5000)
+
+    def serve() -> None:
+        service.send(encode(Data(MsgType.DATA_STDOUT, first)))  # full size: splicing starts
+        service.send(HEADER.pack(MsgType.DATA_STDOUT, len(slow)))
+        for byte in slow:  # one skb each: the pipe runs out of slots long before bytes
+            service.send(bytes([byte]))
+        service.send(b"".join(_output_frames(b"", b"", 9)))
+
+    out_read, out_write = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: _read_all(out_read, got))
+    sender = threading.Thread(target=serve)
+    reader.start()
+    sender.start()
+    err = os.open(os.devnull, os.O_WRONLY)
+    try:
+        code = run_caller(caller, PROTOCOL_V3, CallerIO(None, out_write, err))
+        sender.join(30)
+        reader.join(30)
+    finally:
+        os.close(err)
+        os.close(out_read)
+        caller.close()
+        service.close()
+    assert (code, bytes(got)) == (9, first + slow)
+    assert copied == [len(slow)]  # that frame, and only it, went through memory
