@@ -74,6 +74,7 @@ from qrexec.services.lookup import (
 )
 from qrexec.services.rpc_config import MAX_CONFIG_SIZE, RpcConfig, parse_rpc_config
 from qrexec.services.sockets import connect_service_socket
+from qrexec.services.splicing import can_splice, frame_pipe, pump_spliced
 
 log = logging.getLogger(__name__)
 
@@ -324,11 +325,22 @@ async def _relay_process(channel: service_io.DataChannel, prepared: PreparedServ
     async def take_input() -> None:
         """The caller's STDIN until the vchan ends (which is when this returns); once the
         service has closed its stdin, the rest is dropped (spec §15.1)."""
-        await service_io.relay_stdin(channel, deliver, end_input)
+        await service_io.relay_stdin(channel, deliver, end_input, target_fd=stdin.fileno())
 
     async def produce() -> int:
-        while data := await service_io.read_fd(stdout.fileno(), channel.max_chunk):
-            await channel.send_data(MsgType.DATA_STDOUT, data)
+        own = frame_pipe(channel.max_chunk) if can_splice(channel.stream) else None
+        if own is not None:  # payloads spliced, socket -> our pipe -> vchan
+            await pump_spliced(
+                channel.stream,
+                MsgType.DATA_STDOUT,
+                stdout.fileno(),
+                channel.max_chunk,
+                lambda: channel.trace_first(MsgType.DATA_STDOUT),
+                own,
+            )
+        else:
+            while data := await service_io.read_fd(stdout.fileno(), channel.max_chunk):
+                await channel.send_data(MsgType.DATA_STDOUT, data)
         await channel.send_eof(MsgType.DATA_STDOUT)
         return service_io.exit_status(await service_io.wait_process(proc))
 

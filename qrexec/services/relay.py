@@ -50,7 +50,7 @@ from qrexec.services.splicing import (
     can_splice,
     frame_pipe,
     is_pipe,
-    pump_pipe_spliced,
+    pump_spliced,
     relay_stdin_spliced,
 )
 
@@ -310,8 +310,13 @@ async def relay_stdin(
 
 async def _pump(channel: DataChannel, kind: MsgType, fd: int) -> None:
     if can_splice(channel.stream) and is_pipe(fd):
-        await pump_pipe_spliced(
-            channel.stream, kind, fd, channel.max_chunk, lambda: channel.trace_first(kind)
+        await pump_spliced(
+            channel.stream,
+            kind,
+            fd,
+            channel.max_chunk,
+            lambda: channel.trace_first(kind),
+            frame_pipe(channel.max_chunk),
         )
         return
     framer = DataFramer(kind, channel.max_chunk)

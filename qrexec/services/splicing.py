@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from qrexec import trace
 from qrexec.backends.base import AsyncStream
-from qrexec.errors import RemoteProtocolError, TransportBroken
+from qrexec.errors import RemoteProtocolError
 from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import HEADER_SIZE, MsgType
 from qrexec.protocol.framing import check_header
@@ -250,21 +250,28 @@ async def relay_stdin_spliced(
         os.close(write_end)
 
 
-async def pump_pipe_spliced(
-    stream: AsyncStream, kind: MsgType, fd: int, chunk: int, on_data: Callable[[], None]
+async def pump_spliced(
+    stream: AsyncStream,
+    kind: MsgType,
+    fd: int,
+    chunk: int,
+    on_data: Callable[[], None],
+    own: tuple[int, int] | None,
 ) -> None:
-    """Frames of ``kind`` from the pipe ``fd`` until its end, payloads spliced.
+    """Frames of ``kind`` from ``fd`` (a pipe, or a socket when ``own`` is given) until
+    its end, payloads spliced; closes ``own``.
 
-    Each frame carries what the pipe holds (``FIONREAD``), at most ``chunk`` bytes; the
-    pipe's readiness with nothing in it is its end. ``on_data`` is called before each
-    frame. Each frame is assembled in a pipe of ours (header written, payload spliced
-    behind it) and goes to the vchan in one ``splice``, so the peer wakes once per frame
-    and finds it whole; without such a pipe the header goes ahead of the payload.
+    Each frame carries what ``fd`` holds (``FIONREAD``), at most ``chunk`` bytes; its
+    readiness with nothing in it is its end. ``on_data`` is called before each frame.
+    With ``own`` (a pipe of ours), each frame is assembled there (header written, payload
+    spliced behind it) and goes to the vchan in one ``splice``, so the peer wakes once per
+    frame and finds it whole; without it, the header goes ahead of the payload spliced
+    straight from the pipe ``fd``. A frame that cannot be assembled in the pipe (out of
+    slots after a service wrote in tiny pieces, or ``fd`` reset) goes through memory.
     """
     import fcntl
 
     splice_from = stream.splice_from  # type: ignore[attr-defined]
-    own = frame_pipe(chunk)
     size = bytearray(4)
     header = bytearray(HEADER_SIZE)
     try:
@@ -281,20 +288,50 @@ async def pump_pipe_spliced(
                 count = min(available, chunk)
                 HEADER.pack_into(header, 0, kind, count)
                 on_data()
+                available -= count
                 if own is None:
                     await splice_from(header, fd, count)
-                else:
-                    read_end, write_end = own
-                    os.write(write_end, header)
-                    moved = 0
-                    while moved < count:
-                        step = os.splice(fd, write_end, count - moved, flags=SPLICE_FLAGS)
-                        if not step:  # cannot happen: FIONREAD counted these bytes
-                            raise TransportBroken("the service's pipe ran dry inside a frame")
-                        moved += step
-                    await splice_from(b"", read_end, HEADER_SIZE + count)
-                available -= count
+                    continue
+                payload = _assemble(fd, own, header, count)
+                if payload is None:
+                    await splice_from(b"", own[0], HEADER_SIZE + count)
+                    continue
+                if payload:
+                    await stream.send(bytes(HEADER.pack(kind, len(payload))) + payload)
+                if len(payload) < count:
+                    return  # fd was reset: its end
     finally:
         if own is not None:
             os.close(own[0])
             os.close(own[1])
+
+
+def _assemble(fd: int, own: tuple[int, int], header: bytearray, count: int) -> bytes | None:
+    """``header`` and ``count`` bytes of ``fd`` into the pipe ``own``: None when done,
+    else the payload read into memory instead (fewer bytes if ``fd`` was reset)."""
+    read_end, write_end = own
+    os.write(write_end, header)
+    moved = 0
+    try:
+        while moved < count:
+            step = os.splice(fd, write_end, count - moved, flags=SPLICE_FLAGS)
+            if not step:
+                break
+            moved += step
+        else:
+            return None
+    except (BlockingIOError, ConnectionResetError, BrokenPipeError):
+        pass
+    framed = bytearray()
+    while len(framed) < HEADER_SIZE + moved:
+        framed += os.read(read_end, HEADER_SIZE + moved - len(framed))
+    payload = bytearray(framed[HEADER_SIZE:])
+    try:
+        while len(payload) < count:
+            data = os.read(fd, count - len(payload))
+            if not data:
+                break
+            payload += data
+    except (BlockingIOError, ConnectionResetError, BrokenPipeError):
+        pass
+    return bytes(payload)

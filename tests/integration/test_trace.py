@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,17 @@ def traced(system: QrexecSystem) -> Path:
     path = system.base / "trace.log"
     system.common_env.update(QREXEC_TRACE="1", QREXEC_TRACE_FILE=str(path))
     return path
+
+
+def settled(path: Path, stage: str, count: int) -> str:
+    """The trace once ``count`` lines of ``stage`` are in it (a server may write its last
+    lines just after the client has its answer and exits)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = path.read_text()
+        if text.count(f" {stage}") >= count or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
 
 
 def stages(call: list[object]) -> list[str]:
@@ -53,7 +65,8 @@ def test_cli_call_gives_one_timeline_per_call(qrexec_system: QrexecSystem) -> No
     for text in ("one", "two"):
         done = qrexec_system.client("vm1", f"{qrexec_system.user}:echo {text}")
         assert done.returncode == 0 and done.stdout == f"{text}\n".encode()
-    calls, _ = group_calls(parse_lines(path.read_text().splitlines()))
+    text = settled(path, "agent.teardown", 2)
+    calls, _ = group_calls(parse_lines(text.splitlines()))
     # Both calls used the same port: still two timelines, each whole.
     assert len(calls) == 2
     for call in calls:
@@ -62,7 +75,7 @@ def test_cli_call_gives_one_timeline_per_call(qrexec_system: QrexecSystem) -> No
         assert "agent.first_byte" in found and "agent.exit_code_sent" in found
         programs = {line.program for line in call}
         assert len({line.pid for line in call}) == 3, programs
-    printed = merge([path.read_text()])
+    printed = merge([text])
     assert printed.count("\ncall ") + printed.startswith("call ") == 2
     assert "client.exit_code code=0" in printed
 

@@ -159,3 +159,90 @@ def test_a_service_that_closes_its_stdin_gets_nothing_more_and_the_rest_is_dropp
 
     result, received, ends = _relay(send, close_service_stdin_after=len(first))
     assert (result, received, ends) == (False, first, 1)
+
+
+def _pump(source_writes: list[bytes], *, socket_source: bool) -> list[tuple[MsgType, bytes]]:
+    """pump_spliced from a service's stdout (socket or pipe) written as ``source_writes``;
+    the frames the caller receives."""
+    from qrexec.protocol.framing import FrameDecoder
+    from qrexec.services.splicing import pump_spliced
+
+    caller, ours = socket.socketpair()
+    tiny = next((i for i, data in enumerate(source_writes) if len(data) > 1), 0)
+    if socket_source:
+        service_side, source = socket.socketpair()
+        # Room for the tiny pieces to queue up before the pump starts (capped by wmem_max).
+        service_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        write_fd, read_fd = service_side.fileno(), source.fileno()
+        source.setblocking(False)
+    else:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK)
+        os.set_blocking(write_fd, True)
+    frames: list[tuple[MsgType, bytes]] = []
+    queued = threading.Event()
+
+    def service() -> None:
+        for index, data in enumerate(source_writes):
+            if index == tiny:
+                queued.set()
+            os.write(write_fd, data)
+        queued.set()
+        if socket_source:
+            service_side.shutdown(socket.SHUT_WR)
+        else:
+            os.close(write_fd)
+
+    def receive() -> None:
+        decoder = FrameDecoder(3)
+        while chunk := caller.recv(1 << 20):
+            frames.extend((m.msg_type, m.data) for m in decoder.feed(chunk))  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        stream = AsyncSocketStream(ours, 1, 513)
+        await pump_spliced(stream, MsgType.DATA_STDOUT, read_fd, 65536, lambda: None,
+                           frame_pipe(65536))  # fmt: skip
+        stream.close()
+
+    threads = [threading.Thread(target=service), threading.Thread(target=receive)]
+    for thread in threads:
+        thread.start()
+    queued.wait(2)  # the tiny pieces are queued (or the writer is blocked on them)
+    try:
+        asyncio.run(main())
+        for thread in threads:
+            thread.join(30)
+    finally:
+        caller.close()
+        if socket_source:
+            service_side.close()
+            source.close()
+        else:
+            os.close(read_fd)
+    return frames
+
+
+@pytest.mark.parametrize("socket_source", [True, False])
+def test_pumped_output_arrives_exact_in_frames_of_at_most_a_chunk(
+    socket_source: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qrexec.services import splicing
+
+    through_memory: list[int] = []
+    real = splicing._assemble
+
+    def assemble(fd: int, own: tuple[int, int], header: bytearray, count: int) -> bytes | None:
+        payload = real(fd, own, header, count)
+        if payload is not None:
+            through_memory.append(len(payload))
+        return payload
+
+    monkeypatch.setattr(splicing, "_assemble", assemble)
+    # Tiny pieces first: on a socket each is an skb of its own, and an skb takes a pipe
+    # slot whatever its size, so the pipe runs out of slots long before bytes.
+    writes = [bytes([b]) for b in os.urandom(3000)]
+    writes += [os.urandom(n) for n in (100, 1 << 20, 3, 65537, 250_000, 70000)]
+    frames = _pump(writes, socket_source=socket_source)
+    assert all(kind is MsgType.DATA_STDOUT and 0 < len(data) <= 65536 for kind, data in frames)
+    assert b"".join(data for _, data in frames) == b"".join(writes)
+    if socket_source:
+        assert through_memory  # the frame the slots could not hold went through memory
