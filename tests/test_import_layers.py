@@ -35,6 +35,7 @@ SHARED = frozenset(
         "qrexec.listening",
         "qrexec.trace_merge",
         "qrexec._record",
+        "qrexec.splice_support",
     }
 )
 

@@ -194,7 +194,7 @@ class _InputSender:
         ``splice_from`` (vchan, memory), or input that is not a pipe.
         """
         splice_from = getattr(self.stream, "splice_from", None)
-        if splice_from is None or not hasattr(os, "splice"):
+        if splice_from is None or not _splice_works():
             return False
         try:
             if not stat.S_ISFIFO(os.fstat(fd).st_mode):
@@ -310,7 +310,7 @@ def run_caller(stream: BlockingStream, version: int, io: CallerIO) -> int:
             space = frames.free_space()
             if switching:
                 need = frames.frame_remainder()
-                pipe = None if need else _frame_pipe(chunk)
+                pipe = None if need or not _splice_works() else _frame_pipe(chunk)
                 if pipe is None and not need:
                     switching = can_splice = False  # no pipe large enough: keep copying
                 elif pipe is not None:
@@ -523,6 +523,14 @@ def _frame_into(pipe_fd: int, header: bytearray, source_fd: int, count: int) -> 
         if not moved:  # cannot happen: FIONREAD counted these bytes
             raise TransportError("the input pipe ran dry inside a frame")
         count -= moved
+
+
+def _splice_works() -> bool:
+    """``os.splice`` works here (asked once per process, only when input or output turns
+    bulk: a plain call never loads the module)."""
+    from qrexec.splice_support import splice_works
+
+    return splice_works()
 
 
 def _is_pipe(fd: int) -> bool:

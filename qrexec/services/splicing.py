@@ -32,6 +32,7 @@ from qrexec.lazy_logging import get_logger
 from qrexec.protocol.constants import HEADER_SIZE, MsgType
 from qrexec.protocol.framing import check_header
 from qrexec.protocol.messages import HEADER
+from qrexec.splice_support import splice_works
 
 log = get_logger(__name__)
 
@@ -50,9 +51,9 @@ def can_splice(stream: AsyncStream) -> bool:
     """True when ``stream`` and this system can move payloads with ``splice``."""
     return (
         sys.platform == "linux"
-        and hasattr(os, "splice")
         and hasattr(stream, "splice_into")
         and hasattr(stream, "splice_from")
+        and splice_works()
     )
 
 

@@ -6,6 +6,7 @@ the same refusals either way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -39,7 +40,7 @@ class SpliceSpy:
         return count
 
 
-@pytest.fixture(params=["splice", "no-splice"])
+@pytest.fixture(params=["splice", "no-splice", "einval"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "splice":
         if not hasattr(os, "splice"):
@@ -47,8 +48,16 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         monkeypatch.setattr(os, "splice", SpliceSpy(os.splice))
         yield "splice"
         return
-    monkeypatch.delattr(os, "splice", raising=False)
+    if request.param == "einval":
+        monkeypatch.setattr(os, "splice", _refuse)
+    else:
+        monkeypatch.delattr(os, "splice", raising=False)
     yield request.param
+
+
+def _refuse(*args: object, **kwargs: object) -> int:
+    """A kernel (or sandbox) that will not splice these files."""
+    raise OSError(errno.EINVAL, "Invalid argument")
 
 
 def run(wire: bytes) -> tuple[int, bytes, bytes]:

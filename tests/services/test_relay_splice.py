@@ -11,6 +11,7 @@ the copying one; a service that stops reading stops the relay reading the vchan.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -51,7 +52,7 @@ class SpliceSpy:
         return count
 
 
-@pytest.fixture(params=["splice", "no-splice"])
+@pytest.fixture(params=["splice", "no-splice", "einval"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The three ways the relay may run: spliced, without ``os.splice`` at all, and with a
     kernel that refuses to splice these files (EINVAL)."""
@@ -63,8 +64,16 @@ def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
         yield "splice"
         assert spy.moved > 0, "the relay never spliced"
         return
-    monkeypatch.delattr(os, "splice", raising=False)
+    if request.param == "einval":
+        monkeypatch.setattr(os, "splice", _refuse)
+    else:
+        monkeypatch.delattr(os, "splice", raising=False)
     yield request.param
+
+
+def _refuse(*args: object, **kwargs: object) -> int:
+    """A kernel (or sandbox) that will not splice these files."""
+    raise OSError(errno.EINVAL, "Invalid argument")
 
 
 def payloads(sizes: list[int], seed: int) -> list[bytes]:
