@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qrexec.backends.socket_setup import (
     CONNECT_RETRY_FIRST,
+    CONNECT_RETRY_YIELD_FOR,
     RECV_CHUNK_MAX,
     SEND_BUFFER_SIZE,
     BoundSocket,
@@ -362,6 +363,11 @@ async def connect(
         sock = connect_once(path)
         if sock is not None:
             return _wrap(sock, remote_domain, port)
+        if loop.time() - started < CONNECT_RETRY_YIELD_FOR:
+            # The event loop cannot sleep less than 1 ms (epoll's timeout unit): for the
+            # first fraction of a millisecond, retry after one pass of the loop instead.
+            await asyncio.sleep(0)
+            continue
         if deadline is not None:
             remaining = deadline - loop.time()
             if remaining <= 0:

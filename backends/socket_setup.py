@@ -37,6 +37,9 @@ def as_path(text: str) -> Path:
 #: millisecond; the doubling reaches the old 1 ms step after five tries.
 CONNECT_RETRY_FIRST = 0.00005
 CONNECT_RETRY_MAX = 0.05
+#: An asyncio client retries after one pass of its event loop (no sleep) for this long
+#: first, as the loop's shortest sleep is 1 ms: a bounded spin of at most 0.2 ms per connect.
+CONNECT_RETRY_YIELD_FOR = 0.0002
 #: Kernel send buffer asked for each stream, both faces (capped by ``net.core.wmem_max``).
 #: A writer that finds the buffer full sleeps (or, asyncio, takes a loop round trip) and
 #: wakes its reader: with the default ~200 KiB that is every ~100 KiB, with 1 MiB five
