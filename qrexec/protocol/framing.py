@@ -303,7 +303,8 @@ class FrameBuffer:
 
     The buffer starts at one frame's cap and is replaced by one of ``size`` bytes (pending
     bytes copied over) at the first :meth:`free_space` after a receive that filled all the
-    free space; :attr:`view` then names the new buffer, so read it after :meth:`filled`.
+    free space, or that must move a partial frame to the front; :attr:`view` then names
+    the new buffer, so read it after :meth:`filled`.
     Views handed out earlier keep the old buffer alive: nothing they show is overwritten.
     """
 
@@ -350,8 +351,16 @@ class FrameBuffer:
             self._start = self._end = 0
         elif len(self._buffer) - self._end < max_frame_size(self._version):
             # Only a partial frame is left: move it to the front (at most one frame's cap).
+            # Frames that straddle receives mean a stream, not a few messages: a small
+            # buffer grows here too (a transport whose receives never fill it - a 64 KiB
+            # vchan ring - would otherwise move a partial frame at almost every receive).
             pending = self._end - self._start
-            self._buffer[:pending] = self.view[self._start : self._end]
+            if len(self._buffer) < self._size:
+                buffer = bytearray(self._size)
+                buffer[:pending] = self.view[self._start : self._end]
+                self._buffer, self.view = buffer, memoryview(buffer)
+            else:
+                self._buffer[:pending] = self.view[self._start : self._end]
             self._start, self._end = 0, pending
         return self.view[self._end :]
 

@@ -188,3 +188,22 @@ def test_data_framer_refuses_what_is_not_a_data_stream_or_does_not_fit() -> None
         framer.frames(0)
     with pytest.raises(LocalProtocolError):
         framer.frames(framer.capacity + 1)
+
+
+def test_frame_buffer_grows_when_a_partial_frame_must_move_to_the_front() -> None:
+    # A transport whose receives never fill the buffer (a 64 KiB ring): frames straddle
+    # receives, and the first move of a partial frame grows the buffer instead.
+    frames = FrameBuffer(3, allowed=SERVICE_TYPES)
+    stream = b"".join(encode(Data(MsgType.DATA_STDOUT, bytes([n]) * 40000)) for n in range(6))
+    out = []
+    position = 0
+    while position < len(stream):
+        space = frames.free_space()
+        count = min(len(space) - 1, 65536, len(stream) - position)  # never fills it
+        space[:count] = stream[position : position + count]
+        frames.filled(count)
+        position += count
+        while (frame := frames.next_frame()) is not None:
+            out.append(bytes(frames.view[frame[1] : frame[2]]))
+    assert out == [bytes([n]) * 40000 for n in range(6)]
+    assert len(frames.view) == FRAME_BUFFER_SIZE
