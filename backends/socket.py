@@ -35,7 +35,6 @@ import _thread
 import os
 import select
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -46,6 +45,7 @@ from qrexec.backends.socket_setup import (
     SEND_BUFFER_SIZE,
     BoundSocket,
     as_path,
+    bytes_waiting,
     connect_once,
     next_retry_delay,
 )
@@ -157,19 +157,6 @@ class _FdGuard:
         except OSError as exc:
             log.debug("ignoring error while closing a vchan socket: %s", exc)
         return True
-
-
-def _bytes_waiting(fd: int) -> int:
-    """Bytes in a socket's receive queue (``FIONREAD``; only asked on the splice path)."""
-    import fcntl
-    import termios
-
-    size = bytearray(4)
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, size)
-    except OSError:
-        return 0
-    return int.from_bytes(size, sys.byteorder)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -288,7 +275,7 @@ class SocketStream:
                     count = os.splice(fd, pipe_fd, count, flags=flags)
                     break
                 except BlockingIOError:
-                    if _bytes_waiting(fd):
+                    if bytes_waiting(fd):
                         raise
                     poller = select.poll()
                     poller.register(fd, select.POLLIN)

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 from qrexec.backends.socket_setup import (
@@ -29,6 +28,7 @@ from qrexec.backends.socket_setup import (
     RECV_CHUNK_MAX,
     SEND_BUFFER_SIZE,
     BoundSocket,
+    bytes_waiting,
     connect_once,
     next_retry_delay,
 )
@@ -38,19 +38,6 @@ log = logging.getLogger(__name__)
 
 #: ``splice`` never blocks (the loop waits instead) and moves pages rather than copying.
 SPLICE_FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 0) | getattr(os, "SPLICE_F_MOVE", 0)
-
-
-def _bytes_waiting(fd: int) -> int:
-    """Bytes in a socket's receive queue (``FIONREAD``), 0 if it cannot be asked."""
-    import fcntl
-    import termios
-
-    size = bytearray(4)
-    try:
-        fcntl.ioctl(fd, termios.FIONREAD, size)
-    except OSError:
-        return 0
-    return int.from_bytes(size, sys.byteorder)
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -205,7 +192,7 @@ class AsyncSocketStream:
             try:
                 return os.splice(self._fd, pipe_fd, count, flags=SPLICE_FLAGS)
             except BlockingIOError:
-                if _bytes_waiting(self._fd):
+                if bytes_waiting(self._fd):
                     # Bytes wait but the pipe took none: it is out of slots (a peer that
                     # sends in tiny pieces fills them). The caller must empty it.
                     raise

@@ -136,6 +136,21 @@ def connect_once(path: str | os.PathLike[str]) -> socket.socket | None:
     return sock
 
 
+def bytes_waiting(fd: int) -> int:
+    """Bytes in a socket's receive queue (``FIONREAD``), 0 if it cannot be asked. Only the
+    splice paths ask, so ``fcntl``/``termios`` load then, not at a client's start."""
+    import fcntl
+    import sys
+    import termios
+
+    size = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, size)
+    except OSError:
+        return 0
+    return int.from_bytes(size, sys.byteorder)
+
+
 def next_retry_delay(delay: float, waited: float = 0.0) -> float:
     """The next pause of a connect retry loop that has waited ``waited`` seconds so far."""
     cap = CONNECT_RETRY_MAX if waited < CONNECT_RETRY_SLOW_AFTER else CONNECT_RETRY_SLOW_MAX

@@ -52,6 +52,7 @@ from qrexec.services.splicing import (
     is_pipe,
     pump_spliced,
     relay_stdin_spliced,
+    wait_fd,
 )
 
 log = logging.getLogger(__name__)
@@ -93,28 +94,6 @@ async def handshake(stream: AsyncStream, own_version: int) -> int:
     """Send our HELLO first, without waiting, then read the peer's; the agreed version."""
     await stream.send(encode(Hello(own_version)))
     return negotiate(own_version, await read_hello(stream))
-
-
-async def wait_fd(fd: int, *, write: bool = False) -> None:
-    """Wait until ``fd`` is readable (or writable)."""
-    loop = asyncio.get_running_loop()
-    waiter: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await waiter
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 def read_now(fd: int, size: int) -> bytes | None:

@@ -80,7 +80,8 @@ def frame_pipe(chunk: int) -> tuple[int, int] | None:
     return None
 
 
-async def _wait_fd(fd: int, *, write: bool) -> None:
+async def wait_fd(fd: int, *, write: bool = False) -> None:
+    """Wait until ``fd`` is readable (or writable)."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
 
@@ -107,7 +108,7 @@ async def _splice_out(pipe_fd: int, target_fd: int, count: int) -> bool:
         try:
             moved = os.splice(pipe_fd, target_fd, count, flags=SPLICE_FLAGS)
         except BlockingIOError:
-            await _wait_fd(target_fd, write=True)
+            await wait_fd(target_fd, write=True)
             continue
         except (BrokenPipeError, ConnectionResetError):
             return False
@@ -122,7 +123,7 @@ async def _write_out(fd: int, data: bytes) -> bool:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
-            await _wait_fd(fd, write=True)
+            await wait_fd(fd, write=True)
         except (BrokenPipeError, ConnectionResetError):
             return False
     return True
@@ -280,7 +281,7 @@ async def pump_spliced(
             fcntl.ioctl(fd, FIONREAD, size)
             available = int.from_bytes(size, sys.byteorder)
             if not available:
-                await _wait_fd(fd, write=False)
+                await wait_fd(fd, write=False)
                 fcntl.ioctl(fd, FIONREAD, size)
                 if not int.from_bytes(size, sys.byteorder):
                     return  # readable and empty: every writer is gone
